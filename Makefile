@@ -1,0 +1,38 @@
+# gompertz_kd developer commands. `make help` lists them.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-full lint format train clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+install: $(BIN)/python ## create .venv and install gompertz_kd with its dev tools (editable)
+	$(BIN)/pip install -e '.[dev]'
+
+test: ## run the default test suite (excludes tests marked slow)
+	$(BIN)/pytest
+
+test-full: ## run every test, slow ones included
+	$(BIN)/pytest -m ''
+
+lint: ## check style with ruff
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: ## rewrite files in ruff's style
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
+
+train: ## train one experiment: make train ARGS="experiment=c100_resnet50_mbv2"
+	$(BIN)/python -m gompertz_kd.run $(ARGS)
+
+clean: ## remove caches and build outputs (keeps .venv and data)
+	rm -rf build dist src/*.egg-info .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""gompertz_kd."""
