@@ -1,0 +1,239 @@
+"""Loss-weight schedules: pure functions of training progress ``t`` in ``[0, 1]``.
+
+Every schedule has one interface, ``schedule(progress) -> weight``. None of them knows what an
+epoch or a step is: the :class:`~gompertz_kd.callbacks.GompertzWeightCallback` turns the trainer's
+position (or the student's learning trajectory) into a progress value and asks the schedules.
+
+The centre is the Gompertz growth curve of Gompertz-CNN,
+
+    w(t) = w_max * exp(-b * exp(-c * t)),
+
+which starts near ``w_max * e^{-b}`` (slow start), rises fastest at its inflection point
+``t* = ln(b) / c`` where ``w = w_max / e``, and levels off towards ``w_max`` (late saturation).
+The others exist for ablations: constant, DKD-style linear warm-up, WKD-style cosine decay and the
+symmetric logistic curve.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Constant",
+    "CosineDecay",
+    "Gompertz",
+    "LinearWarmup",
+    "Logistic",
+    "Schedule",
+    "Stage",
+    "check_progress",
+    "gompertz",
+]
+
+# Roots of u^2 - 3u + 1 = 0 with u = b * exp(-c t): where the third derivative of the Gompertz curve
+# vanishes, i.e. where its acceleration peaks (lag -> growth) and its deceleration peaks
+# (growth -> saturation). A standard, parameter-free way to cut a sigmoid into three phases.
+_U_LAG_END = (3.0 + math.sqrt(5.0)) / 2.0
+_U_GROWTH_END = (3.0 - math.sqrt(5.0)) / 2.0
+
+
+def _require(condition: bool, name: str, value: object, expected: str) -> None:
+    if not condition:
+        raise ValueError(f"{name} must be {expected}, got {name}={value!r}")
+
+
+def check_progress(t: float | Tensor) -> None:
+    """Raise ``ValueError`` unless every progress value lies in ``[0, 1]`` (NaN included)."""
+    if isinstance(t, Tensor):
+        ok = bool(((t >= 0) & (t <= 1)).all())
+        shown: object = t if t.numel() <= 8 else f"tensor with min {t.min()} and max {t.max()}"
+    else:
+        ok = 0.0 <= t <= 1.0
+        shown = t
+    _require(ok, "progress", shown, "in [0, 1]")
+
+
+def _exp(x: float | Tensor) -> float | Tensor:
+    return torch.exp(x) if isinstance(x, Tensor) else math.exp(x)
+
+
+def gompertz(t: float | Tensor, w_max: float, b: float, c: float) -> float | Tensor:
+    """The Gompertz curve ``w_max * exp(-b * exp(-c * t))``.
+
+    Args:
+        t: training progress in ``[0, 1]``, a float or a tensor of any shape.
+        w_max: upper asymptote (the weight the curve saturates at), ``>= 0``.
+        b: displacement, ``> 0``; ``w(0) = w_max * e^{-b}``, so larger ``b`` starts lower.
+        c: growth rate, ``> 0``; larger ``c`` rises sooner and more steeply.
+
+    Returns:
+        The weight, a float for a float ``t`` and a tensor of ``t``'s shape otherwise.
+
+    Raises:
+        ValueError: naming the parameter when ``b <= 0``, ``c <= 0``, ``w_max < 0`` or ``t`` is
+            outside ``[0, 1]``.
+    """
+    _check_gompertz_params(w_max, b, c)
+    check_progress(t)
+    return w_max * _exp(-b * _exp(-c * t))
+
+
+def _check_gompertz_params(w_max: float, b: float, c: float) -> None:
+    _require(w_max >= 0, "w_max", w_max, ">= 0")
+    _require(b > 0, "b", b, "> 0")
+    _require(c > 0, "c", c, "> 0")
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    """What every schedule offers: ``schedule(progress) -> weight`` and its largest value."""
+
+    def __call__(self, progress: float) -> float: ...
+
+    @property
+    def peak(self) -> float: ...
+
+
+class Stage(IntEnum):
+    """Phase of a Gompertz curve; an int so it can be logged as a metric."""
+
+    LAG = 0
+    GROWTH = 1
+    SATURATION = 2
+
+
+@dataclass(frozen=True)
+class Gompertz:
+    """Gompertz weight schedule ``w(t) = w_max * exp(-b * exp(-c * t))`` (see :func:`gompertz`).
+
+    Stages are cut where the curve's third derivative vanishes (``b e^{-ct} = (3 ± √5)/2``): *lag*
+    until its acceleration peaks at :attr:`lag_end`, *growth* until its deceleration peaks at
+    :attr:`growth_end`, *saturation* after. The inflection point :attr:`inflection` lies between.
+    These boundaries may fall outside ``[0, 1]`` (e.g. ``b < 2.618`` has no lag within training).
+    """
+
+    w_max: float = 1.0
+    b: float = 10.0
+    c: float = 6.0
+
+    def __post_init__(self) -> None:
+        _check_gompertz_params(self.w_max, self.b, self.c)
+
+    def __call__(self, progress: float) -> float:
+        return gompertz(progress, self.w_max, self.b, self.c)
+
+    @property
+    def peak(self) -> float:
+        return self.w_max
+
+    @property
+    def inflection(self) -> float:
+        """Progress ``t* = ln(b) / c`` of fastest growth, where ``w = w_max / e``."""
+        return math.log(self.b) / self.c
+
+    @property
+    def lag_end(self) -> float:
+        """Progress where the lag stage ends (peak acceleration)."""
+        return math.log(self.b / _U_LAG_END) / self.c
+
+    @property
+    def growth_end(self) -> float:
+        """Progress where the growth stage ends and saturation begins (peak deceleration)."""
+        return math.log(self.b / _U_GROWTH_END) / self.c
+
+    def stage(self, progress: float) -> Stage:
+        """Which stage ``progress`` falls in."""
+        check_progress(progress)
+        if progress < self.lag_end:
+            return Stage.LAG
+        if progress < self.growth_end:
+            return Stage.GROWTH
+        return Stage.SATURATION
+
+
+@dataclass(frozen=True)
+class Constant:
+    """The same weight at every step (static KD)."""
+
+    value: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.value >= 0, "value", self.value, ">= 0")
+
+    def __call__(self, progress: float) -> float:
+        check_progress(progress)
+        return self.value
+
+    @property
+    def peak(self) -> float:
+        return self.value
+
+
+@dataclass(frozen=True)
+class LinearWarmup:
+    """DKD-style warm-up ``w_max * min(t / t0, 1)``: linear ramp, then flat."""
+
+    w_max: float = 1.0
+    t0: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(self.w_max >= 0, "w_max", self.w_max, ">= 0")
+        _require(0 < self.t0 <= 1, "t0", self.t0, "in (0, 1]")
+
+    def __call__(self, progress: float) -> float:
+        check_progress(progress)
+        return self.w_max * min(progress / self.t0, 1.0)
+
+    @property
+    def peak(self) -> float:
+        return self.w_max
+
+
+@dataclass(frozen=True)
+class CosineDecay:
+    """WKD-style cosine decay from ``w_max`` at ``t = 0`` to ``w_min`` at ``t = 1``:
+    ``w_min + (w_max - w_min) * (1 + cos(pi * t)) / 2``."""
+
+    w_max: float = 1.0
+    w_min: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.w_min >= 0, "w_min", self.w_min, ">= 0")
+        _require(self.w_max >= self.w_min, "w_max", self.w_max, f">= w_min ({self.w_min})")
+
+    def __call__(self, progress: float) -> float:
+        check_progress(progress)
+        return self.w_min + (self.w_max - self.w_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    @property
+    def peak(self) -> float:
+        return self.w_max
+
+
+@dataclass(frozen=True)
+class Logistic:
+    """Logistic curve ``w_max / (1 + exp(-k * (t - t_mid)))``: the symmetric counterpart of the
+    Gompertz curve (same S shape, but the lag and saturation mirror each other around ``t_mid``)."""
+
+    w_max: float = 1.0
+    k: float = 12.0
+    t_mid: float = 0.4
+
+    def __post_init__(self) -> None:
+        _require(self.w_max >= 0, "w_max", self.w_max, ">= 0")
+        _require(self.k > 0, "k", self.k, "> 0")
+        _require(0 <= self.t_mid <= 1, "t_mid", self.t_mid, "in [0, 1]")
+
+    def __call__(self, progress: float) -> float:
+        check_progress(progress)
+        return self.w_max / (1.0 + math.exp(-self.k * (progress - self.t_mid)))
+
+    @property
+    def peak(self) -> float:
+        return self.w_max
