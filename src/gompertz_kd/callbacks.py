@@ -1,0 +1,195 @@
+"""Lightning callbacks of gompertz_kd.
+
+:class:`GompertzWeightCallback` is the thin driver of the dynamic objective: before every training
+batch it measures training progress, asks the :class:`~gompertz_kd.module.DistillationModule` to
+move its loss weights there (each term's schedule is a pure function of progress), and logs the
+weights and the Gompertz stage.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+__all__ = ["GompertzWeightCallback"]
+
+
+class GompertzWeightCallback(L.Callback):
+    """Set the module's loss weights from training progress before each batch.
+
+    Two ways to measure progress ``t`` in ``[0, 1]``:
+
+    - ``progress="clock"`` (default): how far training is. With ``granularity="step"``,
+      ``t = global_step / estimated_stepping_batches`` (weights change every optimiser step);
+      with ``granularity="epoch"``, ``t = current_epoch / max_epochs`` (constant within an epoch).
+    - ``progress="trajectory"``: how far the *student* is, read from its learning trajectory.
+      Both networks' top-1 accuracy on the training batches (the teacher's comes free with the
+      KD forward pass) is tracked as a bias-corrected exponential moving average with momentum
+      ``ema_momentum``; progress is the student's accuracy above chance as a fraction of the
+      teacher's, relative to ``trajectory_target``::
+
+          t = clip(((acc_s - 1/K) / (acc_t - 1/K)) / trajectory_target, 0, 1)
+
+      With ``monotone=True`` it never moves backwards (a running maximum), so a noisy batch does
+      not pull the weight down. A slow student thus stays longer in the lag stage and a fast one
+      reaches saturation sooner, whatever the epoch budget. Accuracies are summed over all
+      processes under DDP, so every rank uses the same weights. With ``granularity="epoch"`` the
+      value is taken at the start of each epoch and held for the epoch.
+
+    The callback's state (the moving averages) is saved in checkpoints, so a resumed run
+    continues with exactly the weights it would have had.
+
+    Logged every step: ``<term>_weight`` for each active weight, ``schedule/progress`` and, for a
+    Gompertz schedule, ``schedule/stage`` (0 lag, 1 growth, 2 saturation).
+    """
+
+    def __init__(
+        self,
+        granularity: str = "step",
+        progress: str = "clock",
+        ema_momentum: float = 0.98,
+        trajectory_target: float = 1.0,
+        monotone: bool = True,
+    ) -> None:
+        if granularity not in ("step", "epoch"):
+            raise ValueError(f"granularity must be 'step' or 'epoch', got granularity={granularity!r}")
+        if progress not in ("clock", "trajectory"):
+            raise ValueError(f"progress must be 'clock' or 'trajectory', got progress={progress!r}")
+        if not 0.0 <= ema_momentum < 1.0:
+            raise ValueError(f"ema_momentum must be in [0, 1), got ema_momentum={ema_momentum}")
+        if not 0.0 < trajectory_target <= 1.0:
+            raise ValueError(
+                f"trajectory_target must be in (0, 1], got trajectory_target={trajectory_target}"
+            )
+        self.granularity = granularity
+        self.progress_mode = progress
+        self.ema_momentum = ema_momentum
+        self.trajectory_target = trajectory_target
+        self.monotone = monotone
+        # Trajectory state (plain floats so checkpoints stay weights-only loadable).
+        self.ema_student = 0.0
+        self.ema_teacher = 0.0
+        self.ema_updates = 0
+        self.trajectory_progress = 0.0
+        self._epoch_progress: float | None = None
+        self._total_steps: int | None = None
+
+    # ------------------------------------------------------------------ progress
+    def clock_progress(self, trainer: L.Trainer) -> float:
+        """``global_step / total_steps`` or ``current_epoch / max_epochs``, clipped to [0, 1]."""
+        if self.granularity == "epoch":
+            if trainer.max_epochs is None or trainer.max_epochs < 1:
+                raise ValueError(
+                    "granularity='epoch' needs a finite trainer max_epochs; set max_epochs or use "
+                    "granularity='step'"
+                )
+            return min(trainer.current_epoch / trainer.max_epochs, 1.0)
+        if self._total_steps is None:
+            total = trainer.estimated_stepping_batches
+            if not math.isfinite(total) or total < 1:
+                raise ValueError(
+                    "the weight schedule needs a known training length: set trainer max_epochs "
+                    "or max_steps"
+                )
+            self._total_steps = int(total)
+        return min(trainer.global_step / self._total_steps, 1.0)
+
+    def trajectory_value(self, num_classes: int) -> float:
+        """Current trajectory progress from the moving averages (before ``monotone``)."""
+        if self.ema_updates == 0:
+            return 0.0
+        correction = 1.0 - self.ema_momentum**self.ema_updates
+        acc_s = self.ema_student / correction
+        acc_t = self.ema_teacher / correction
+        chance = 1.0 / num_classes
+        if acc_t <= chance:
+            return 0.0
+        ratio = (acc_s - chance) / (acc_t - chance) / self.trajectory_target
+        return min(max(ratio, 0.0), 1.0)
+
+    def current_progress(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+        if self.progress_mode == "clock":
+            return self.clock_progress(trainer)
+        if self.granularity == "epoch" and self._epoch_progress is not None:
+            return self._epoch_progress
+        return self.trajectory_progress
+
+    # ------------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not hasattr(pl_module, "set_progress"):
+            raise TypeError("GompertzWeightCallback drives a gompertz_kd DistillationModule")
+        if self.progress_mode == "trajectory" and getattr(pl_module, "teacher", None) is None:
+            raise ValueError(
+                "progress='trajectory' compares the student with the teacher; this run has no "
+                "teacher. Use progress='clock'."
+            )
+        self._total_steps = None
+        self._epoch_progress = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.progress_mode == "trajectory" and self.granularity == "epoch":
+            self._epoch_progress = self.trajectory_progress
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        progress = self.current_progress(trainer, pl_module)
+        weights = pl_module.set_progress(progress)
+        logged = {name: float(value) for name, value in weights.items()}
+        logged["schedule/progress"] = float(progress)
+        stage = pl_module.stage_at(progress)
+        if stage is not None:
+            logged["schedule/stage"] = float(stage)
+        pl_module.log_dict(logged, on_step=True, on_epoch=False)
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.progress_mode != "trajectory" or not isinstance(outputs, dict):
+            return
+        if "teacher_correct" not in outputs:
+            return
+        counts = torch.stack(
+            [
+                outputs["student_correct"].float(),
+                outputs["teacher_correct"].float(),
+                torch.tensor(float(batch[1].shape[0]), device=outputs["student_correct"].device),
+            ]
+        )
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        acc_s, acc_t = (counts[0] / counts[2]).item(), (counts[1] / counts[2]).item()
+        self.update_trajectory(acc_s, acc_t, pl_module.hparams.num_classes)
+
+    def update_trajectory(self, student_acc: float, teacher_acc: float, num_classes: int) -> float:
+        """Fold one batch's top-1 accuracies (fractions) into the moving averages; return the
+        new trajectory progress."""
+        m = self.ema_momentum
+        self.ema_student = m * self.ema_student + (1.0 - m) * student_acc
+        self.ema_teacher = m * self.ema_teacher + (1.0 - m) * teacher_acc
+        self.ema_updates += 1
+        value = self.trajectory_value(num_classes)
+        self.trajectory_progress = max(self.trajectory_progress, value) if self.monotone else value
+        return self.trajectory_progress
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "ema_student": self.ema_student,
+            "ema_teacher": self.ema_teacher,
+            "ema_updates": self.ema_updates,
+            "trajectory_progress": self.trajectory_progress,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.ema_student = float(state_dict["ema_student"])
+        self.ema_teacher = float(state_dict["ema_teacher"])
+        self.ema_updates = int(state_dict["ema_updates"])
+        self.trajectory_progress = float(state_dict["trajectory_progress"])
