@@ -5,7 +5,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 
-def random_loader(n: int = 16, num_classes: int = 10, batch_size: int = 4, seed: int = 0) -> DataLoader:
+def random_loader(
+    n: int = 16, num_classes: int = 10, batch_size: int = 4, seed: int = 0
+) -> DataLoader:
     """A loader of random 32x32 images and labels (tests make their own data)."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(n, 3, 32, 32, generator=g)

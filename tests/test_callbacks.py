@@ -1,11 +1,12 @@
 import lightning as L
 import pytest
 import torch
-from helpers import cpu_trainer, random_loader
 
 from gompertz_kd.callbacks import GompertzWeightCallback
 from gompertz_kd.module import DistillationModule
 from gompertz_kd.schedules import Gompertz, gompertz
+
+from helpers import cpu_trainer, random_loader
 
 
 class WeightRecorder(L.Callback):
@@ -33,13 +34,17 @@ SCHEDULE = Gompertz(w_max=1.0, b=4.0, c=5.0)
 
 
 def module(**kwargs):
-    return DistillationModule(student="resnet8", teacher="resnet14", num_classes=10, schedule=SCHEDULE, **kwargs)
+    return DistillationModule(
+        student="resnet8", teacher="resnet14", num_classes=10, schedule=SCHEDULE, **kwargs
+    )
 
 
 def run(callback, recorder, max_epochs=2, extra=(), ckpt_path=None, **trainer_kwargs):
     torch.manual_seed(0)  # every run starts from the same networks
     m = module()
-    trainer = cpu_trainer(max_epochs=max_epochs, callbacks=[callback, recorder, *extra], **trainer_kwargs)
+    trainer = cpu_trainer(
+        max_epochs=max_epochs, callbacks=[callback, recorder, *extra], **trainer_kwargs
+    )
     trainer.fit(m, random_loader(n=16, batch_size=4), ckpt_path=ckpt_path)
     return trainer, m
 
@@ -66,7 +71,10 @@ def test_resuming_from_a_checkpoint_continues_the_exact_weights(tmp_path, progre
 
     first = WeightRecorder()
     trainer, _ = run(
-        GompertzWeightCallback(progress=progress, ema_momentum=0.5), first, max_epochs=3, extra=[StopAfterEpochs(1)]
+        GompertzWeightCallback(progress=progress, ema_momentum=0.5),
+        first,
+        max_epochs=3,
+        extra=[StopAfterEpochs(1)],
     )
     ckpt = tmp_path / "half.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -124,7 +132,11 @@ def test_trajectory_mode_needs_a_teacher():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"granularity": "batch"}, "granularity"), ({"progress": "vibes"}, "progress"), ({"ema_momentum": 1.0}, "ema")],
+    [
+        ({"granularity": "batch"}, "granularity"),
+        ({"progress": "vibes"}, "progress"),
+        ({"ema_momentum": 1.0}, "ema"),
+    ],
 )
 def test_bad_callback_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -2,11 +2,12 @@ import pickle
 
 import pytest
 import torch
-from helpers import cpu_trainer, random_loader
 
 from gompertz_kd.checkpoints import CheckpointError, load_weights, read_state_dict
 from gompertz_kd.models import create_model
 from gompertz_kd.module import DistillationModule
+
+from helpers import cpu_trainer, random_loader
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -25,7 +26,9 @@ def test_foreign_state_dict_layouts_load(tmp_path, layout):
     }[layout]
     path = tmp_path / "teacher.pth"
     torch.save(payload, path)
-    module = DistillationModule(student="resnet8", teacher="resnet8", num_classes=10, teacher_ckpt=str(path))
+    module = DistillationModule(
+        student="resnet8", teacher="resnet8", num_classes=10, teacher_ckpt=str(path)
+    )
     assert _same_weights(module.teacher, source)
 
 
@@ -35,7 +38,9 @@ def test_own_lightning_checkpoint_of_a_student_only_run_loads_as_teacher(tmp_pat
     trainer.fit(teacher_run, random_loader(n=4))
     path = tmp_path / "teacher.ckpt"
     trainer.save_checkpoint(path)
-    module = DistillationModule(student="resnet8", teacher="resnet8", num_classes=10, teacher_ckpt=str(path))
+    module = DistillationModule(
+        student="resnet8", teacher="resnet8", num_classes=10, teacher_ckpt=str(path)
+    )
     assert _same_weights(module.teacher, teacher_run.student)
 
 
@@ -43,16 +48,27 @@ def test_wrong_class_count_names_file_and_shapes(tmp_path):
     path = tmp_path / "c100.pth"
     torch.save({"model": create_model("resnet8", num_classes=100).state_dict()}, path)
     with pytest.raises(CheckpointError) as err:
-        DistillationModule(student="resnet8", teacher="resnet8", num_classes=10, teacher_ckpt=str(path))
+        DistillationModule(
+            student="resnet8", teacher="resnet8", num_classes=10, teacher_ckpt=str(path)
+        )
     message = str(err.value)
-    assert str(path) in message and "fc.weight" in message and "(100, 64)" in message and "(10, 64)" in message
+    assert (
+        str(path) in message
+        and "fc.weight" in message
+        and "(100, 64)" in message
+        and "(10, 64)" in message
+    )
 
 
 def test_wrong_architecture_is_a_clear_error(tmp_path):
     path = tmp_path / "wrn.pth"
     torch.save(create_model("wrn_16_1", num_classes=10).state_dict(), path)
-    with pytest.raises(CheckpointError, match="does not fit the teacher resnet8 with 10 classes.*missing"):
-        DistillationModule(student="resnet8", teacher="resnet8", num_classes=10, teacher_ckpt=str(path))
+    with pytest.raises(
+        CheckpointError, match="does not fit the teacher resnet8 with 10 classes.*missing"
+    ):
+        DistillationModule(
+            student="resnet8", teacher="resnet8", num_classes=10, teacher_ckpt=str(path)
+        )
 
 
 def test_missing_and_truncated_files(tmp_path):

@@ -50,7 +50,10 @@ def test_kd_loss_rejects_bad_temperature():
 def _maps_with_stats(mu, sigma, hw=4):
     """(1, C, hw, hw) maps whose per-channel population mean/std are exactly mu/sigma."""
     sign = torch.tensor([1.0, -1.0]).repeat(hw * hw // 2)
-    mu, sigma = torch.as_tensor(mu, dtype=torch.float64), torch.as_tensor(sigma, dtype=torch.float64)
+    mu, sigma = (
+        torch.as_tensor(mu, dtype=torch.float64),
+        torch.as_tensor(sigma, dtype=torch.float64),
+    )
     x = mu[:, None] + sigma[:, None] * sign.double()[None, :]
     return x.reshape(1, -1, hw, hw)
 
@@ -68,8 +71,12 @@ def test_gaussian_wasserstein_equals_closed_form_and_pot():
     closed = sum((a - b) ** 2 for a, b in zip(mu_s, mu_t, strict=True)) + sum(
         (a - b) ** 2 for a, b in zip(sig_s, sig_t, strict=True)
     )
-    assert gaussian_wasserstein_loss(f_s, f_t, reduction="sum").item() == pytest.approx(closed, rel=1e-5)
-    assert gaussian_wasserstein_loss(f_s, f_t, reduction="mean").item() == pytest.approx(closed / 3, rel=1e-5)
+    assert gaussian_wasserstein_loss(f_s, f_t, reduction="sum").item() == pytest.approx(
+        closed, rel=1e-5
+    )
+    assert gaussian_wasserstein_loss(f_s, f_t, reduction="mean").item() == pytest.approx(
+        closed / 3, rel=1e-5
+    )
     # Independent reference: POT's Bures-Wasserstein distance between the diagonal Gaussians.
     w2 = ot.gaussian.bures_wasserstein_distance(
         np.array(mu_s), np.array(mu_t), np.diag(np.square(sig_s)), np.diag(np.square(sig_t))
@@ -109,10 +116,15 @@ def test_match_spatial_pools_larger_map():
 
 
 def test_wasserstein_feature_loss_projects_and_selects_stages():
-    loss_fn = WassersteinFeatureLoss(student_channels=[4, 6], teacher_channels=[8, 16, 32], pairs=[(-1, -1), (1, 0)])
+    loss_fn = WassersteinFeatureLoss(
+        student_channels=[4, 6], teacher_channels=[8, 16, 32], pairs=[(-1, -1), (1, 0)]
+    )
     assert [p[0].in_channels for p in loss_fn.projectors] == [6, 4]
     assert [p[0].out_channels for p in loss_fn.projectors] == [32, 16]
-    student = [torch.randn(2, 4, 8, 8, requires_grad=True), torch.randn(2, 6, 4, 4, requires_grad=True)]
+    student = [
+        torch.randn(2, 4, 8, 8, requires_grad=True),
+        torch.randn(2, 6, 4, 4, requires_grad=True),
+    ]
     teacher = [torch.randn(2, 8, 8, 8), torch.randn(2, 16, 8, 8), torch.randn(2, 32, 2, 2)]
     loss = loss_fn(student, teacher)
     loss.backward()
@@ -131,7 +143,9 @@ def test_wasserstein_feature_loss_rejects_bad_pairs():
 # ------------------------------------------------------------------ gradient matching
 def _tiny_net(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5)).double()
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5)
+    ).double()
 
 
 def test_gradient_matching_zero_for_same_network_positive_for_different():

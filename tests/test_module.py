@@ -2,11 +2,12 @@ import math
 
 import pytest
 import torch
-from helpers import cpu_trainer, random_loader
 
 from gompertz_kd.callbacks import GompertzWeightCallback
 from gompertz_kd.module import DistillationModule, benchmark_lr
 from gompertz_kd.schedules import Constant, Gompertz, LinearWarmup
+
+from helpers import cpu_trainer, random_loader
 
 
 def small_module(**kwargs) -> DistillationModule:
@@ -43,7 +44,9 @@ def test_teacher_stays_in_eval_mode_and_out_of_the_optimizer():
     optimizer = module.configure_optimizers()["optimizer"]
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert not in_optimizer & {id(p) for p in module.teacher.parameters()}
-    expected = {id(p) for p in module.student.parameters()} | {id(p) for p in module.wasserstein.parameters()}
+    expected = {id(p) for p in module.student.parameters()} | {
+        id(p) for p in module.wasserstein.parameters()
+    }
     assert in_optimizer == expected
 
 
@@ -96,7 +99,9 @@ def test_weights_follow_each_terms_schedule_and_scale():
     )
     w = module.loss_weights_at(0.25)
     g = math.exp(-5.0 * math.exp(-1.0))
-    assert w == pytest.approx({"ce_weight": 0.1, "kd_weight": 0.9 * g, "wd_weight": 2.0 * g, "gm_weight": 0.25})
+    assert w == pytest.approx(
+        {"ce_weight": 0.1, "kd_weight": 0.9 * g, "wd_weight": 2.0 * g, "gm_weight": 0.25}
+    )
 
 
 def test_zero_scale_switches_a_term_off_entirely():
@@ -166,14 +171,26 @@ def test_default_weight_callback_is_added_once():
 def test_resnet50_to_mobilenetv2_full_objective_one_step_logs_every_term_and_weight():
     """The issue's acceptance check: ResNet50 -> MobileNetV2 on 100 classes, full objective."""
     module = DistillationModule(
-        student="MobileNetV2", teacher="ResNet50", num_classes=100, kd_scale=1.0, wd_scale=1.0, gm_scale=1.0
+        student="MobileNetV2",
+        teacher="ResNet50",
+        num_classes=100,
+        kd_scale=1.0,
+        wd_scale=1.0,
+        gm_scale=1.0,
     )
     trainer = cpu_trainer(max_steps=1, limit_val_batches=0)
     trainer.fit(module, random_loader(n=4, num_classes=100, batch_size=4))
     logged = trainer.logged_metrics
     for name in ("train/loss", "train/loss_ce", "train/loss_kd", "train/loss_wd", "train/loss_gm"):
         assert name in logged and torch.isfinite(logged[name]), name
-    for name in ("ce_weight", "kd_weight", "wd_weight", "gm_weight", "schedule/progress", "schedule/stage"):
+    for name in (
+        "ce_weight",
+        "kd_weight",
+        "wd_weight",
+        "gm_weight",
+        "schedule/progress",
+        "schedule/stage",
+    ):
         assert name in logged, name
     assert logged["kd_weight"].item() == pytest.approx(Gompertz()(0.0))
     assert logged["schedule/stage"].item() == 0

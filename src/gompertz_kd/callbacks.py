@@ -55,7 +55,9 @@ class GompertzWeightCallback(L.Callback):
         monotone: bool = True,
     ) -> None:
         if granularity not in ("step", "epoch"):
-            raise ValueError(f"granularity must be 'step' or 'epoch', got granularity={granularity!r}")
+            raise ValueError(
+                f"granularity must be 'step' or 'epoch', got granularity={granularity!r}"
+            )
         if progress not in ("clock", "trajectory"):
             raise ValueError(f"progress must be 'clock' or 'trajectory', got progress={progress!r}")
         if not 0.0 <= ema_momentum < 1.0:

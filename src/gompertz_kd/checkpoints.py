@@ -128,7 +128,9 @@ def load_weights(model: nn.Module, path: str | Path, description: str) -> None:
         if missing:
             problems.append(f"{len(missing)} weights missing from the file (e.g. {missing[:3]})")
         if unexpected:
-            problems.append(f"{len(unexpected)} unknown weights in the file (e.g. {unexpected[:3]})")
+            problems.append(
+                f"{len(unexpected)} unknown weights in the file (e.g. {unexpected[:3]})"
+            )
         raise CheckpointError(
             f"{Path(path).resolve()} does not fit the {description}: "
             + "; ".join(problems)

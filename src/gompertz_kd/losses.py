@@ -217,11 +217,18 @@ class WassersteinFeatureLoss(nn.Module):
         self.pairs: list[tuple[int, int]] = []
         for pair in pairs:
             if len(pair) != 2:
-                raise ValueError(f"each entry of pairs must be (teacher_stage, student_stage), got {pair!r}")
+                raise ValueError(
+                    f"each entry of pairs must be (teacher_stage, student_stage), got {pair!r}"
+                )
             t_idx, s_idx = int(pair[0]), int(pair[1])
-            for name, idx, n in (("teacher", t_idx, len(teacher_channels)), ("student", s_idx, len(student_channels))):
+            for name, idx, n in (
+                ("teacher", t_idx, len(teacher_channels)),
+                ("student", s_idx, len(student_channels)),
+            ):
                 if not -n <= idx < n:
-                    raise ValueError(f"pairs: {name} stage {idx} out of range, the {name} has {n} stages")
+                    raise ValueError(
+                        f"pairs: {name} stage {idx} out of range, the {name} has {n} stages"
+                    )
             self.pairs.append((t_idx, s_idx))
         self.variant = variant
         self.reduction = reduction
@@ -230,7 +237,9 @@ class WassersteinFeatureLoss(nn.Module):
             FeatureProjector(student_channels[s], teacher_channels[t]) for t, s in self.pairs
         )
 
-    def forward(self, student_features: Sequence[Tensor], teacher_features: Sequence[Tensor]) -> Tensor:
+    def forward(
+        self, student_features: Sequence[Tensor], teacher_features: Sequence[Tensor]
+    ) -> Tensor:
         losses = []
         for (t_idx, s_idx), projector in zip(self.pairs, self.projectors, strict=True):
             f_s = projector(student_features[s_idx])

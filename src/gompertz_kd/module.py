@@ -11,8 +11,8 @@ batch and calls :meth:`DistillationModule.set_progress`, which reads each term's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -113,7 +113,11 @@ class DistillationModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
-            ignore=[n for n, v in (("student", student), ("teacher", teacher)) if isinstance(v, nn.Module)]
+            ignore=[
+                n
+                for n, v in (("student", student), ("teacher", teacher))
+                if isinstance(v, nn.Module)
+            ]
             + ["optimizer", "lr_scheduler"],
             logger=False,
         )
@@ -130,7 +134,9 @@ class DistillationModule(L.LightningModule):
         self.teacher = None if teacher is None else _build(teacher, num_classes, "teacher")
         if self.teacher is not None:
             if teacher_ckpt is not None:
-                load_weights(self.teacher, teacher_ckpt, f"teacher {teacher} with {num_classes} classes")
+                load_weights(
+                    self.teacher, teacher_ckpt, f"teacher {teacher} with {num_classes} classes"
+                )
             self.teacher.requires_grad_(False)
             self.teacher.eval()
 
@@ -191,7 +197,11 @@ class DistillationModule(L.LightningModule):
         """Every term's weight at ``progress`` in ``[0, 1]``: ``{"ce_weight": ..., "kd_weight":
         ..., ...}`` for the terms that are on."""
         weights = {f"{t}_weight": s * self.schedules[t](progress) for t, s in self.scales.items()}
-        ce = 1.0 - weights["kd_weight"] if self.mixing == "convex" and "kd" in self.scales else self.ce_weight
+        ce = (
+            1.0 - weights["kd_weight"]
+            if self.mixing == "convex" and "kd" in self.scales
+            else self.ce_weight
+        )
         return {"ce_weight": ce, **weights}
 
     def set_progress(self, progress: float) -> dict[str, float]:
@@ -213,7 +223,9 @@ class DistillationModule(L.LightningModule):
         """Student logits ``(N, num_classes)`` for images ``(N, 3, H, W)``."""
         return self.student(self._format(images))
 
-    def compute_losses(self, images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+    def compute_losses(
+        self, images: Tensor, targets: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
         """One training forward: student (and teacher) on a batch, every active loss term.
 
         Args:
@@ -241,7 +253,9 @@ class DistillationModule(L.LightningModule):
 
         teacher_out, teacher_grad = self._teacher_forward(images, targets, match_grads)
         if "kd" in self.scales:
-            terms["loss_kd"] = losses.kd_loss(student_out.logits, teacher_out.logits, self.temperature)
+            terms["loss_kd"] = losses.kd_loss(
+                student_out.logits, teacher_out.logits, self.temperature
+            )
         if need_features:
             terms["loss_wd"] = self.wasserstein(student_out.features, teacher_out.features)
         if match_grads:
@@ -260,13 +274,20 @@ class DistillationModule(L.LightningModule):
         teacher_input = images.detach().requires_grad_(True)
         with torch.enable_grad():
             out = self.teacher.forward_stages(teacher_input)
-            grad = losses.true_class_input_gradient(out.logits, teacher_input, targets, create_graph=False)
-        detached = type(out)(out.logits.detach(), [f.detach() for f in out.features], out.pooled.detach())
+            grad = losses.true_class_input_gradient(
+                out.logits, teacher_input, targets, create_graph=False
+            )
+        detached = type(out)(
+            out.logits.detach(), [f.detach() for f in out.features], out.pooled.detach()
+        )
         return detached, grad
 
     def weighted_total(self, terms: Mapping[str, Tensor]) -> Tensor:
         """``sum(<term>_weight * loss_<term>)`` with the current weights."""
-        return sum(self.loss_weights[name.replace("loss_", "") + "_weight"] * value for name, value in terms.items())
+        return sum(
+            self.loss_weights[name.replace("loss_", "") + "_weight"] * value
+            for name, value in terms.items()
+        )
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
@@ -289,12 +310,25 @@ class DistillationModule(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test")
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, split: str) -> None:
+    def _evaluate(
+        self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, split: str
+    ) -> None:
         images, targets = batch
         logits = self(images)
-        self.log(f"{split}/loss_ce", F.cross_entropy(logits, targets), sync_dist=True, batch_size=targets.shape[0])
+        self.log(
+            f"{split}/loss_ce",
+            F.cross_entropy(logits, targets),
+            sync_dist=True,
+            batch_size=targets.shape[0],
+        )
         metrics.update(logits, targets)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split == "val", batch_size=targets.shape[0])
+        self.log_dict(
+            metrics,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=split == "val",
+            batch_size=targets.shape[0],
+        )
 
     def train(self, mode: bool = True) -> DistillationModule:
         """Switch the student (and projectors) to ``mode``; the teacher stays in eval mode."""
@@ -316,7 +350,10 @@ class DistillationModule(L.LightningModule):
             optimizer = self._optimizer_factory(params)
         else:
             optimizer = torch.optim.SGD(
-                params, lr=self.lr, momentum=self.hparams.momentum, weight_decay=self.hparams.weight_decay
+                params,
+                lr=self.lr,
+                momentum=self.hparams.momentum,
+                weight_decay=self.hparams.weight_decay,
             )
         if self._scheduler_factory is not None:
             scheduler = self._scheduler_factory(optimizer)
@@ -324,23 +361,32 @@ class DistillationModule(L.LightningModule):
             scheduler = torch.optim.lr_scheduler.MultiStepLR(
                 optimizer, milestones=list(self.hparams.lr_milestones), gamma=self.hparams.lr_gamma
             )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
 
     def configure_callbacks(self) -> list[L.Callback]:
         """Add the default weight callback when the trainer has none, so the weights move."""
         from gompertz_kd.callbacks import GompertzWeightCallback
 
-        if not self.scales or any(isinstance(c, GompertzWeightCallback) for c in self.trainer.callbacks):
+        if not self.scales or any(
+            isinstance(c, GompertzWeightCallback) for c in self.trainer.callbacks
+        ):
             return []
         return [GompertzWeightCallback()]
 
     def _format(self, images: Tensor) -> Tensor:
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+        return (
+            images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+        )
 
 
 def _build(model: str | nn.Module, num_classes: int, role: str) -> nn.Module:
     if isinstance(model, nn.Module):
         if not callable(getattr(model, "forward_stages", None)):
-            raise TypeError(f"the {role} must expose forward_stages(x); build it with gompertz_kd.models.create_model")
+            raise TypeError(
+                f"the {role} must expose forward_stages(x); build it with gompertz_kd.models.create_model"
+            )
         return model
     return create_model(model, num_classes=num_classes)

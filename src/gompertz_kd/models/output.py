@@ -1,0 +1,75 @@
+"""What every model returns from `forward_stages`, and the small base the zoo models share.
+
+Every model in `gompertz_kd.models` is a plain classifier (`model(x) -> logits`) laid out like a
+timm model (`forward_head(forward_features(x))`), plus one method for distillation:
+
+    out = model.forward_stages(x)    # one forward pass
+    out.logits    # (N, K)
+    out.features  # [(N, C_i, H_i, W_i), ...] stage feature maps, shallow to deep
+    out.pooled    # (N, D) the embedding the classifier sees
+
+`model(x)` equals `model.forward_stages(x).logits`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class StageOutput(NamedTuple):
+    """Logits, stage features and pooled embedding from a single forward pass.
+
+    Attributes:
+        logits: (N, num_classes) classifier output, identical to `model(x)`.
+        features: stage feature maps, shallow to deep, each (N, C_i, H_i, W_i). For the CIFAR zoo
+            these are the tensors the benchmark's `model(x, is_feat=True)` returns, without its
+            last (pooled) entry.
+        pooled: (N, D) the globally pooled embedding fed to the classifier (the zoo's last
+            `is_feat` entry).
+    """
+
+    logits: Tensor
+    features: list[Tensor]
+    pooled: Tensor
+
+
+class StagedClassifier(nn.Module):
+    """Base of the CIFAR zoo models: a backbone that yields stage maps, then pool + linear.
+
+    Subclasses implement `forward_stage_maps` and `get_classifier`; everything else follows.
+    The head is a global average pool: at 32x32 input it is exactly the zoo's fixed-size
+    `AvgPool2d(8)` / `avg_pool2d(x, 4)` / `AvgPool2d(2, ceil_mode=True)`, and it also accepts
+    larger inputs instead of failing at the classifier.
+    """
+
+    num_classes: int
+
+    def forward_stage_maps(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        """(N, 3, H, W) -> (stage feature maps, shallow to deep; final map (N, D, h, w) for the head)."""
+        raise NotImplementedError
+
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer, (N, D) -> (N, num_classes)."""
+        raise NotImplementedError
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(N, 3, H, W) -> final unpooled feature map (N, D, h, w)."""
+        return self.forward_stage_maps(x)[1]
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """(N, D, h, w) -> (N, D) pooled embedding if `pre_logits`, else (N, num_classes) logits."""
+        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return pooled if pre_logits else self.get_classifier()(pooled)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, 3, H, W) -> logits (N, num_classes)."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_stages(self, x: Tensor) -> StageOutput:
+        """(N, 3, H, W) -> `StageOutput` (logits, stage features, pooled) from one pass."""
+        features, final = self.forward_stage_maps(x)
+        pooled = self.forward_head(final, pre_logits=True)
+        return StageOutput(logits=self.get_classifier()(pooled), features=features, pooled=pooled)
