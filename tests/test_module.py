@@ -194,3 +194,21 @@ def test_resnet50_to_mobilenetv2_full_objective_one_step_logs_every_term_and_wei
         assert name in logged, name
     assert logged["kd_weight"].item() == pytest.approx(Gompertz()(0.0))
     assert logged["schedule/stage"].item() == 0
+
+
+def test_validation_and_test_log_top1_top5_over_every_image():
+    module = small_module(teacher=None)
+    module.eval()
+    loader = random_loader(n=10, batch_size=4)  # 3 batches, the last one short
+    images = torch.cat([b[0] for b in loader])
+    targets = torch.cat([b[1] for b in loader])
+    with torch.no_grad():
+        logits = module(images)
+    top1 = (logits.argmax(1) == targets).float().mean().item()
+    top5 = (logits.topk(5, dim=1).indices == targets[:, None]).any(1).float().mean().item()
+    trainer = cpu_trainer()
+    val = trainer.validate(module, loader, verbose=False)[0]
+    test = trainer.test(module, loader, verbose=False)[0]
+    assert val["val/top1"] == pytest.approx(top1) and test["test/top1"] == pytest.approx(top1)
+    assert val["val/top5"] == pytest.approx(top5) and test["test/top5"] == pytest.approx(top5)
+    assert "val/loss_ce" in val and "test/loss_ce" in test

@@ -181,8 +181,8 @@ class DistillationModule(L.LightningModule):
 
         metrics = MetricCollection(
             {
-                "top1": MulticlassAccuracy(num_classes, top_k=1),
-                "top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes)),
+                "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+                "top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
             }
         )
         self.train_metrics = metrics.clone(prefix="train/")
