@@ -23,12 +23,12 @@ test-full: ## run every test, slow ones included
 	$(BIN)/pytest -m ''
 
 lint: ## check style with ruff
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
 
 format: ## rewrite files in ruff's style
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests scripts
+	$(BIN)/ruff format src tests scripts
 
 train: ## train one experiment: make train ARGS="experiment=c100_resnet50_mbv2"
 	$(BIN)/python -m gompertz_kd.run $(ARGS)
