@@ -9,12 +9,13 @@ weights and the Gompertz stage.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import lightning as L
 import torch
 
-__all__ = ["GompertzWeightCallback"]
+__all__ = ["GompertzWeightCallback", "RunTimer"]
 
 
 class GompertzWeightCallback(L.Callback):
@@ -195,3 +196,46 @@ class GompertzWeightCallback(L.Callback):
         self.ema_teacher = float(state_dict["ema_teacher"])
         self.ema_updates = int(state_dict["ema_updates"])
         self.trajectory_progress = float(state_dict["trajectory_progress"])
+
+
+class RunTimer(L.Callback):
+    """Measures training throughput: images per second over the training batches of every epoch
+    (from the epoch's start to its last training batch, so validation is not counted; data loading
+    is). Counts images on every process, so under DDP the figure is for all processes together."""
+
+    def __init__(self) -> None:
+        self.train_seconds = 0.0
+        self.train_images = 0
+        self._epoch_start: float | None = None
+        self._last_batch_end: float | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+        self._last_batch_end = None
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._last_batch_end = time.perf_counter()
+        self.train_images += int(batch[1].shape[0]) * trainer.world_size
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._epoch_start is not None and self._last_batch_end is not None:
+            self.train_seconds += self._last_batch_end - self._epoch_start
+        self._epoch_start = None
+
+    @property
+    def images_per_second(self) -> float | None:
+        return self.train_images / self.train_seconds if self.train_seconds > 0 else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_seconds": self.train_seconds, "train_images": self.train_images}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train_seconds = float(state_dict["train_seconds"])
+        self.train_images = int(state_dict["train_images"])

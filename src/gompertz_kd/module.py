@@ -109,7 +109,7 @@ class DistillationModule(L.LightningModule):
         lr_gamma: float = 0.1,
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: SchedulerFactory | None = None,
-        channels_last: bool = False,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -375,6 +375,14 @@ class DistillationModule(L.LightningModule):
         ):
             return []
         return [GompertzWeightCallback()]
+
+    def compile_networks(self, **compile_kwargs: Any) -> None:
+        """``torch.compile`` the hot path: the student's and the teacher's ``forward_stages``."""
+        self.student.forward_stages = torch.compile(self.student.forward_stages, **compile_kwargs)
+        if self.teacher is not None:
+            self.teacher.forward_stages = torch.compile(
+                self.teacher.forward_stages, **compile_kwargs
+            )
 
     def _format(self, images: Tensor) -> Tensor:
         return (

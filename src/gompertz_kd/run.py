@@ -1,0 +1,26 @@
+"""Command line: ``python -m gompertz_kd.run experiment=c100_resnet50_mbv2 [overrides]``.
+
+The ``@hydra.main`` shell around :func:`gompertz_kd.train.train`; ``-m`` runs a multirun sweep.
+Returns the value an Optuna sweep optimises (``optimized_metric``, default none).
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from gompertz_kd.config import CONFIG_DIR, register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from gompertz_kd.train import metric_value, train  # after Hydra parsed the command line
+
+    results = train(cfg)
+    return metric_value(results, cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()

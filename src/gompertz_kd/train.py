@@ -1,0 +1,234 @@
+"""``train(cfg)``: one experiment from a composed config to a run directory with ``results.json``.
+
+The flow, top to bottom: validate the schedule -> build the DataModule -> provision the teacher
+(:mod:`gompertz_kd.teachers`) -> build the DistillationModule, callbacks, loggers and Trainer ->
+fit -> test the last and the best checkpoint -> write ``results.json``. ``results.json`` is written
+last, atomically, and only by a run that got there: a failed run leaves none.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from gompertz_kd.callbacks import RunTimer
+from gompertz_kd.config import ROOT_DIR, print_config_tree
+from gompertz_kd.module import DistillationModule
+from gompertz_kd.teachers import provision_teacher
+
+__all__ = ["TrainingRun", "train", "run_training"]
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class TrainingRun:
+    """What a finished run leaves in memory: its results, and the trained module and Trainer."""
+
+    results: dict[str, Any]
+    module: DistillationModule
+    trainer: L.Trainer
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run the experiment described by ``cfg`` and return what it wrote to ``results.json``."""
+    return run_training(cfg).results
+
+
+def run_training(cfg: DictConfig) -> TrainingRun:
+    """Like :func:`train`, also returning the trained module and the Trainer."""
+    start = time.time()
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("print_config") and _is_global_zero():
+        print_config_tree(cfg, save_to=output_dir / "config_tree.log")
+
+    # Bad schedule values fail here, before data or models are touched.
+    instantiate(cfg.schedule)
+    L.seed_everything(cfg.seed, workers=True)
+
+    log.info("Building data module <%s>", cfg.data._target_)
+    datamodule = instantiate(cfg.data)
+    teacher_ckpt = provision_teacher(cfg)
+
+    log.info("Building model <%s>", cfg.model._target_)
+    module: DistillationModule = instantiate(
+        cfg.model, num_classes=datamodule.num_classes, teacher_ckpt=teacher_ckpt, _convert_="all"
+    )
+    if cfg.get("compile"):
+        module.compile_networks()
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, output_dir))
+    if trainer.interrupted:
+        raise RuntimeError("training was interrupted; no results.json written")
+
+    results = _collect_results(cfg, trainer, module, datamodule, output_dir, start)
+    if trainer.is_global_zero:
+        _write_json_atomically(output_dir / RESULTS_FILE, results)
+        log.info("Results written to %s", output_dir / RESULTS_FILE)
+    return TrainingRun(results=results, module=module, trainer=trainer)
+
+
+def _collect_results(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    module: DistillationModule,
+    datamodule,
+    output_dir: Path,
+    start: float,
+) -> dict[str, Any]:
+    final = {"top1": None, "top5": None}
+    best = {"top1": None, "top5": None, "epoch": None, "selected_on": None}
+    if cfg.get("test"):
+        final = _test(trainer, module, datamodule, ckpt_path=None)
+        checkpoint = trainer.checkpoint_callback
+        if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path:
+            best_ckpt = checkpoint.best_model_path
+            # testing the best checkpoint loads its weights; the module must end as trained
+            last_state = {k: v.clone() for k, v in module.state_dict().items()}
+            best = {
+                **_test(trainer, module, datamodule, ckpt_path=best_ckpt),
+                "epoch": torch.load(best_ckpt, map_location="cpu", weights_only=True)["epoch"],
+                "selected_on": "test" if int(cfg.data.get("val_split", 0)) == 0 else "val",
+            }
+            module.load_state_dict(last_state)
+    checkpoint = trainer.checkpoint_callback
+    best_score = getattr(checkpoint, "best_model_score", None)
+    timer = next((c for c in trainer.callbacks if isinstance(c, RunTimer)), None)
+    csv = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+    history = None
+    if csv is not None:
+        metrics = Path(csv.log_dir) / "metrics.csv"
+        history = os.path.relpath(metrics, output_dir)
+    stage = module.stage_at(module.progress)
+    return {
+        "status": "completed",
+        "name": _run_name(cfg),
+        "overrides": _task_overrides(),
+        "seed": int(cfg.seed),
+        "dataset": cfg.data.dataset,
+        "teacher": cfg.model.get("teacher"),
+        "student": cfg.model.student,
+        "test": final,
+        "best": best,
+        "best_val_top1": float(best_score) if best_score is not None else None,
+        "epochs": trainer.current_epoch,
+        "history": history,
+        "final_weights": dict(module.loss_weights),
+        "final_stage": stage.name.lower() if stage is not None else None,
+        "wall_time_s": time.time() - start,
+        "train_images_per_s": timer.images_per_second if timer else None,
+        "git_commit": _git_commit(),
+        "run_dir": str(output_dir),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def _test(
+    trainer: L.Trainer, module: DistillationModule, datamodule, ckpt_path: str | None
+) -> dict[str, float]:
+    metrics = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)[0]
+    return {"top1": float(metrics["test/top1"]), "top5": float(metrics["test/top5"])}
+
+
+def _resume_path(cfg: DictConfig, output_dir: Path) -> str | None:
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path in (None, ""):
+        return None
+    if ckpt_path == "last":
+        last = output_dir / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise FileNotFoundError(
+                f"ckpt_path=last: no checkpoint at {last}. Resume inside the interrupted run's "
+                "directory (hydra.run.dir=<that run dir>) or give ckpt_path=<file>."
+            )
+        return str(last)
+    path = Path(ckpt_path).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file ({path})")
+    return str(path)
+
+
+def _instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Build every ``_target_`` entry of a callbacks/logger group (entries may be null)."""
+    if not group:
+        return []
+    return [
+        instantiate(node)
+        for node in group.values()
+        if isinstance(node, DictConfig) and "_target_" in node
+    ]
+
+
+def _run_name(cfg: DictConfig) -> str:
+    if cfg.get("name"):
+        return str(cfg.name)
+    if HydraConfig.initialized():
+        experiment = HydraConfig.get().runtime.choices.get("experiment")
+        if experiment:
+            return str(experiment)
+    return str(cfg.get("task_name", "train"))
+
+
+def _task_overrides() -> list[str]:
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT_DIR), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _is_global_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def metric_value(results: dict[str, Any], name: str | None) -> float | None:
+    """The value of ``name`` for a hyper-parameter sweep: ``"val/top1"`` (best validation top-1 of
+    the run) or a dotted path into ``results`` such as ``"test.top1"``."""
+    if not name:
+        return None
+    if name == "val/top1":
+        return results.get("best_val_top1")
+    node: Any = results
+    for part in name.split("."):
+        node = node[part]
+    return float(node)
