@@ -59,9 +59,7 @@ def _limits_training(value: Any) -> bool:
     """Whether a Trainer limit setting shortens training (defaults: None, -1, 1.0, 0.0, False)."""
     if value is None or value is False or value in (-1, 0):
         return False
-    if isinstance(value, float) and value in (0.0, 1.0):
-        return False
-    return True
+    return not (isinstance(value, float) and value in (0.0, 1.0))
 
 
 def provision_teacher(cfg: DictConfig) -> str | None:
