@@ -29,22 +29,10 @@ def cpu_trainer(**kwargs) -> L.Trainer:
     return L.Trainer(**defaults)
 
 
-CIFAR10_CLASSES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
-
-
-def make_cifar10_folder(root, train_per_class: int = 4, test_per_class: int = 2, seed: int = 0):
-    """Write a tiny CIFAR-10 copy in image-folder layout (root/{train,test}/<class>/NNNN.png).
+def make_cifar_folder(
+    root, dataset: str = "cifar10", train_per_class: int = 4, test_per_class: int = 2, seed: int = 0
+):
+    """Write a tiny CIFAR copy in image-folder layout (root/{train,test}/<class>/NNNN.png).
 
     Each class gets its own mean colour, so a network can learn the task in a few steps."""
     from pathlib import Path
@@ -52,10 +40,12 @@ def make_cifar10_folder(root, train_per_class: int = 4, test_per_class: int = 2,
     import numpy as np
     from PIL import Image
 
+    from gompertz_kd.data import CLASSES
+
     root = Path(root)
     rng = np.random.default_rng(seed)
     for split, count in (("train", train_per_class), ("test", test_per_class)):
-        for k, name in enumerate(CIFAR10_CLASSES):
+        for k, name in enumerate(CLASSES[dataset]):
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             base = np.array(
@@ -67,3 +57,13 @@ def make_cifar10_folder(root, train_per_class: int = 4, test_per_class: int = 2,
                 )
                 Image.fromarray(pixels).save(folder / f"{i:04d}.png")
     return root
+
+
+class DumpStudentWeights(L.Callback):
+    """Saves the student's weights of every process at the end of training (DDP tests)."""
+
+    def on_train_end(self, trainer, pl_module):
+        from pathlib import Path
+
+        path = Path(trainer.default_root_dir) / f"student_rank{trainer.global_rank}.pt"
+        torch.save(pl_module.student.state_dict(), path)

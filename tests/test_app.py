@@ -1,0 +1,210 @@
+"""The Hydra application: every config composes and runs; CLI errors; sweeps; teacher cache; DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from gompertz_kd.config import CONFIG_DIR
+from gompertz_kd.teachers import teacher_cache_path
+from gompertz_kd.train import train
+
+from helpers import make_cifar_folder
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+TESTS_DIR = Path(__file__).parent
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return {
+        "cifar10": make_cifar_folder(root / "c10", "cifar10", train_per_class=2, test_per_class=1),
+        "cifar100": make_cifar_folder(
+            root / "c100", "cifar100", train_per_class=1, test_per_class=1
+        ),
+    }
+
+
+@pytest.fixture(scope="session")
+def shared_teacher_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("teachers")
+
+
+def compose_cfg(overrides):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def tiny(root, out, cache, *extra):
+    return [
+        "data.source=folder",
+        f"data.root={root}",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        f"paths.output_dir={out}",
+        f"paths.teacher_cache={cache}",
+        "print_config=false",
+        "callbacks.rich_progress_bar=null",
+        *extra,
+    ]
+
+
+def run_cli(*args, cwd, timeout=300, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": str(TESTS_DIR), **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "gompertz_kd.run", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_experiment_list_covers_the_paper_table():
+    for prefix in ("c100_resnet50_mbv2", "c10_resnet50_mbv2"):
+        for suffix in ("", "_student", "_kd", "_gkd", "_gkd_wd", "_gkd_gm"):
+            assert prefix + suffix in EXPERIMENTS
+    assert {"teacher_c100_resnet50", "teacher_c10_resnet50", "quick"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_runs_fast_dev_run(
+    experiment, tiny_data, shared_teacher_cache, tmp_path
+):
+    cfg = compose_cfg([f"experiment={experiment}"])
+    root = tiny_data[cfg.data.dataset]
+    cfg = compose_cfg(
+        [
+            f"experiment={experiment}",
+            *tiny(root, tmp_path / "run", shared_teacher_cache, "++trainer.fast_dev_run=true"),
+        ]
+    )
+    results = train(cfg)
+    written = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert written["status"] == "completed" and written["student"] == cfg.model.student
+    assert 0.0 <= results["test"]["top1"] <= 1.0
+    assert written["config"]["model"]["student"] == cfg.model.student
+
+
+def test_paper_experiment_is_the_full_objective_on_the_benchmark_recipe():
+    cfg = compose_cfg(["experiment=c100_resnet50_mbv2"])
+    assert (cfg.model.student, cfg.model.teacher, cfg.data.dataset) == (
+        "MobileNetV2",
+        "ResNet50",
+        "cifar100",
+    )
+    assert cfg.model.kd_scale > 0 and cfg.model.wd_scale > 0 and cfg.model.gm_scale > 0
+    assert cfg.schedule._target_ == "gompertz_kd.schedules.Gompertz"
+    assert cfg.trainer.max_epochs == 240 and cfg.data.batch_size == 64
+    assert list(cfg.model.lr_milestones) == [150, 180, 210] and cfg.model.temperature == 4.0
+    kd = compose_cfg(["experiment=c100_resnet50_mbv2_kd"])
+    assert kd.schedule._target_ == "gompertz_kd.schedules.Constant" and kd.schedule.value == 0.9
+    assert kd.model.mixing == "convex" and kd.model.wd_scale == 0 and kd.model.gm_scale == 0
+    alone = compose_cfg(["experiment=c100_resnet50_mbv2_student"])
+    assert alone.model.teacher is None
+
+
+def test_schedule_typo_fails_at_composition():
+    with pytest.raises(Exception, match="bb"):
+        compose_cfg(["schedule.bb=3"])
+    with pytest.raises(Exception, match="b"):
+        compose_cfg(["schedule.b=fast"])
+
+
+def test_cli_unknown_experiment_and_bad_value_exit_nonzero_with_clear_message(tmp_path):
+    unknown = run_cli("experiment=nope", cwd=tmp_path, timeout=120)
+    assert unknown.returncode != 0
+    assert "experiment/nope" in unknown.stderr
+    bad = run_cli("schedule.b=-1", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path, timeout=120)
+    assert bad.returncode != 0
+    assert "b must be > 0, got b=-1" in bad.stderr
+    assert not (tmp_path / "bad" / "results.json").exists()
+
+
+def test_teacher_is_trained_once_then_reused_and_auto_train_off_is_a_clear_error(
+    tiny_data, tmp_path
+):
+    cache = tmp_path / "teachers"
+    base = [
+        "data=cifar10",
+        "model=resnet20_resnet8",
+        "distill=kd",
+        "teacher.recipe.max_epochs=1",
+        "trainer.max_epochs=1",
+        *tiny(tiny_data["cifar10"], tmp_path / "a", cache),
+    ]
+    cfg = compose_cfg(base)
+    train(cfg)
+    cached = teacher_cache_path(cfg)
+    assert cached.is_file()
+    stamp = cached.stat().st_mtime_ns
+    second = compose_cfg([*base, f"paths.output_dir={tmp_path / 'b'}", "teacher.auto_train=false"])
+    train(second)
+    assert cached.stat().st_mtime_ns == stamp
+    assert len(list(cache.glob("*.run"))) == 1
+    # a teacher that would need a different recipe is not in the cache
+    other = compose_cfg([*base, "teacher.recipe.lr=0.1", "teacher.auto_train=false"])
+    with pytest.raises(FileNotFoundError, match="teacher.auto_train=false"):
+        train(other)
+    missing = compose_cfg([*base, f"teacher.ckpt={tmp_path / 'nope.pt'}"])
+    with pytest.raises(FileNotFoundError, match="teacher.ckpt="):
+        train(missing)
+
+
+def test_multirun_writes_one_results_json_per_job(tiny_data, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "-m",
+        "seed=0,1",
+        "data=cifar10",
+        "model=resnet20_resnet8",
+        "distill=kd",
+        "teacher.recipe.max_epochs=1",
+        "trainer.max_epochs=1",
+        *[
+            o
+            for o in tiny(tiny_data["cifar10"], "unused", tmp_path / "teachers")
+            if not o.startswith("paths.output")
+        ],
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted(sweep.glob("*/results.json"))
+    assert len(results) == 2
+    seeds = sorted(json.loads(p.read_text())["seed"] for p in results)
+    assert seeds == [0, 1]
+    assert all(json.loads(p.read_text())["overrides"] for p in results)
+
+
+def test_ddp_on_two_cpu_processes_ends_with_identical_student_weights(tiny_data, tmp_path):
+    run_dir = tmp_path / "ddp"
+    proc = run_cli(
+        "trainer=ddp_cpu",
+        "data=cifar10",
+        "model=resnet20_resnet8",
+        "distill=kd",
+        "teacher.recipe.max_epochs=1",
+        "trainer.max_epochs=1",
+        "+callbacks.dump._target_=helpers.DumpStudentWeights",
+        *[
+            o
+            for o in tiny(tiny_data["cifar10"], "unused", tmp_path / "teachers")
+            if not o.startswith("paths.output")
+        ],
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0 = torch.load(run_dir / "student_rank0.pt", weights_only=True)
+    rank1 = torch.load(run_dir / "student_rank1.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "completed"
