@@ -208,3 +208,46 @@ def test_ddp_on_two_cpu_processes_ends_with_identical_student_weights(tiny_data,
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert json.loads((run_dir / "results.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("launcher", ["cpu_parallel", "slurm"])
+def test_launcher_configs_compose(launcher):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert (
+        "joblib" in cfg.hydra.launcher._target_.lower()
+        or "submitit" in cfg.hydra.launcher._target_.lower()
+    )
+
+
+def test_optuna_search_tunes_gompertz_on_held_out_validation(tiny_data, tmp_path):
+    sweep = tmp_path / "optuna"
+    proc = run_cli(
+        "hparams_search=gompertz_optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+        "data=cifar10",
+        "data.val_split=10",
+        "model=resnet20_resnet8",
+        "distill=kd",
+        "teacher.recipe.max_epochs=1",
+        "trainer.max_epochs=1",
+        *[
+            o
+            for o in tiny(tiny_data["cifar10"], "unused", tmp_path / "teachers")
+            if not o.startswith("paths.output")
+        ],
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    assert len(runs) == 2
+    assert all(r["best"]["selected_on"] == "val" and r["best_val_top1"] is not None for r in runs)
+    assert {o.split("=")[0] for o in runs[0]["overrides"]} >= {
+        "schedule.b",
+        "schedule.c",
+        "schedule.w_max",
+    }
+    best = (sweep / "optimization_results.yaml").read_text()
+    assert "best_params" in best and "schedule.b" in best
