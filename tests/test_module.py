@@ -1,10 +1,11 @@
 import math
 
+import lightning as L
 import pytest
 import torch
 
 from gompertz_kd.callbacks import GompertzWeightCallback
-from gompertz_kd.module import DistillationModule, benchmark_lr
+from gompertz_kd.module import DistillationModule, NonFiniteLossError, benchmark_lr
 from gompertz_kd.schedules import Constant, Gompertz, LinearWarmup
 
 from helpers import cpu_trainer, random_loader
@@ -212,3 +213,48 @@ def test_validation_and_test_log_top1_top5_over_every_image():
     assert val["val/top1"] == pytest.approx(top1) and test["test/top1"] == pytest.approx(top1)
     assert val["val/top5"] == pytest.approx(top5) and test["test/top5"] == pytest.approx(top5)
     assert "val/loss_ce" in val and "test/loss_ce" in test
+
+
+class _NaNAtStep(L.Callback):
+    """Makes the KD term NaN on one training step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        original = type(pl_module).compute_losses
+
+        def patched(module, images, targets):
+            logits, terms, teacher = original(module, images, targets)
+            if trainer.global_step == self.step:
+                terms["loss_kd"] = terms["loss_kd"] * float("nan")
+            return logits, terms, teacher
+
+        pl_module.compute_losses = patched.__get__(pl_module)
+
+
+def test_non_finite_loss_stops_with_the_term_step_and_checkpoint():
+    module = small_module()
+    trainer = cpu_trainer(max_steps=4, callbacks=[_NaNAtStep(2)])
+    with pytest.raises(NonFiniteLossError, match=r"step 2 .*loss_kd=nan.*Last good checkpoint"):
+        trainer.fit(module, random_loader(n=16))
+
+
+def test_non_finite_loss_can_be_skipped_and_counted():
+    class Snapshots(L.Callback):
+        states = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.states.append({k: v.clone() for k, v in pl_module.student.named_parameters()})
+
+    module = small_module(nonfinite="skip")
+    snapshots = Snapshots()
+    trainer = cpu_trainer(max_epochs=1, callbacks=[_NaNAtStep(1), snapshots])
+    trainer.fit(module, random_loader(n=16))
+    assert module.skipped_batches == 1
+    assert trainer.logged_metrics["train/skipped_batches"].item() == 1
+    before, after_skip, after_next = snapshots.states[1], snapshots.states[2], snapshots.states[3]
+    assert all(
+        torch.equal(before[k], after_skip[k]) for k in before
+    )  # the skipped step changed nothing
+    assert any(not torch.equal(after_skip[k], after_next[k]) for k in before)  # training went on

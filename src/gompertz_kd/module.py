@@ -27,7 +27,7 @@ from gompertz_kd.checkpoints import load_weights
 from gompertz_kd.models import create_model, feature_shapes
 from gompertz_kd.schedules import Gompertz, Schedule, Stage
 
-__all__ = ["TERMS", "DistillationModule", "benchmark_lr"]
+__all__ = ["TERMS", "DistillationModule", "NonFiniteLossError", "benchmark_lr"]
 
 # The distillation terms, in the order they are logged. ``loss_<term>`` is the raw term,
 # ``<term>_weight`` its current weight, ``<term>_scale`` its constant factor.
@@ -38,6 +38,10 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite during training."""
 
 
 def benchmark_lr(student: str) -> float:
@@ -77,6 +81,9 @@ class DistillationModule(L.LightningModule):
             replacing the default; they receive the trainable parameters / the optimiser.
         channels_last: keep both networks and the input batches in ``channels_last`` memory
             format (faster convolutions on most CPUs and on tensor-core GPUs).
+        nonfinite: what a NaN or infinite loss does: ``"stop"`` raises
+            :class:`NonFiniteLossError` naming the term, the step and the last checkpoint;
+            ``"skip"`` skips the batch (no update) and counts it in ``train/skipped_batches``.
 
     The training forward :meth:`compute_losses` returns ``(student_logits, {"loss_ce": ...,
     "loss_kd": ..., ...})``; the total is the weighted sum of that dict.
@@ -110,6 +117,7 @@ class DistillationModule(L.LightningModule):
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: SchedulerFactory | None = None,
         channels_last: bool = True,
+        nonfinite: str = "stop",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -129,6 +137,10 @@ class DistillationModule(L.LightningModule):
             raise ValueError(f"temperature must be > 0, got temperature={temperature}")
         if ce_weight < 0:
             raise ValueError(f"ce_weight must be >= 0, got ce_weight={ce_weight}")
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', got nonfinite={nonfinite!r}")
+        self.nonfinite = nonfinite
+        self.skipped_batches = 0
 
         self.student = _build(student, num_classes, "student")
         self.teacher = None if teacher is None else _build(teacher, num_classes, "teacher")
@@ -290,11 +302,18 @@ class DistillationModule(L.LightningModule):
         )
 
     # ------------------------------------------------------------------ Lightning hooks
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+    def training_step(
+        self, batch: tuple[Tensor, Tensor], batch_idx: int
+    ) -> dict[str, Tensor] | None:
         images, targets = batch
         logits, terms, teacher_logits = self.compute_losses(images, targets)
         total = self.weighted_total(terms)
         batch_size = targets.shape[0]
+        # One host sync per step; all ranks decide together so DDP never waits on a skipped rank.
+        if self.trainer.strategy.reduce_boolean_decision(
+            not bool(torch.isfinite(total)), all=False
+        ):
+            return self._non_finite(terms)
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size)
         self.train_metrics.update(logits.detach(), targets)
@@ -303,6 +322,25 @@ class DistillationModule(L.LightningModule):
         if teacher_logits is not None:
             out["teacher_correct"] = (teacher_logits.argmax(1) == targets).sum()
         return out
+
+    def _non_finite(self, terms: Mapping[str, Tensor]) -> None:
+        bad = ", ".join(f"{k}={v.item():g}" for k, v in terms.items() if not torch.isfinite(v)) or (
+            "the weighted sum (every term finite; a weight is not)"
+        )
+        if self.nonfinite == "skip":
+            self.skipped_batches += 1
+            self.log(
+                "train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False
+            )
+            return None
+        checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or getattr(
+            self.trainer.checkpoint_callback, "best_model_path", ""
+        )
+        raise NonFiniteLossError(
+            f"non-finite loss at step {self.trainer.global_step} (epoch {self.current_epoch}): {bad}. "
+            f"Last good checkpoint: {checkpoint or 'none saved yet'}. Lower the learning rate or that "
+            "term's scale, or set model.nonfinite=skip to skip such batches (each skip is counted)."
+        )
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val")
