@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full lint format train clean
+.PHONY: help install test test-full lint format train notebooks clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -23,15 +23,18 @@ test-full: ## run every test, slow ones included
 	$(BIN)/pytest -m ''
 
 lint: ## check style with ruff
-	$(BIN)/ruff check src tests scripts
-	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/ruff check src tests scripts notebooks
+	$(BIN)/ruff format --check src tests scripts notebooks
 
 format: ## rewrite files in ruff's style
-	$(BIN)/ruff check --fix src tests scripts
-	$(BIN)/ruff format src tests scripts
+	$(BIN)/ruff check --fix src tests scripts notebooks
+	$(BIN)/ruff format src tests scripts notebooks
 
 train: ## train one experiment: make train ARGS="experiment=c100_resnet50_mbv2"
 	$(BIN)/python -m gompertz_kd.run $(ARGS)
+
+notebooks: ## run the notebooks; executed copies with plots in logs/notebooks/ (ARGS=--tiny: seconds, generated data)
+	$(BIN)/python scripts/run_notebooks.py $(ARGS)
 
 clean: ## remove caches and build outputs (keeps .venv and data)
 	rm -rf build dist src/*.egg-info .pytest_cache .ruff_cache
