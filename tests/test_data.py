@@ -519,7 +519,8 @@ def test_on_device_default_picks_the_tensor_path_where_it_can():
     assert not CIFARDataModule(augment="autoaugment").uses_tensor_path
     assert not CIFARDataModule(on_device=False).uses_tensor_path
     dm = CIFARDataModule("cifar100")
-    assert dm.num_classes == 100 and dm.mean == (0.5071, 0.4867, 0.4408)  # the KD benchmark's constants
+    assert dm.num_classes == 100
+    assert dm.mean == (0.5071, 0.4867, 0.4408)  # the KD benchmark's constants
 
 
 # ---------------------------------------------------------------------------------------------
