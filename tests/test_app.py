@@ -55,6 +55,19 @@ def tiny(root, out, cache, *extra):
     ]
 
 
+def small_cli_run(root, cache):
+    """Command-line overrides of a one-epoch resnet20 -> resnet8 KD run on tiny CIFAR-10 data;
+    Hydra chooses the run directory (set hydra.run.dir / hydra.sweep.dir)."""
+    return [
+        "data=cifar10",
+        "model=resnet20_resnet8",
+        "distill=kd",
+        "teacher.recipe.max_epochs=1",
+        "trainer.max_epochs=1",
+        *[o for o in tiny(root, "unused", cache) if not o.startswith("paths.output")],
+    ]
+
+
 def run_cli(*args, cwd, timeout=300, env_extra=None):
     env = {**os.environ, "PYTHONPATH": str(TESTS_DIR), **(env_extra or {})}
     return subprocess.run(
@@ -163,16 +176,7 @@ def test_multirun_writes_one_results_json_per_job(tiny_data, tmp_path):
     proc = run_cli(
         "-m",
         "seed=0,1",
-        "data=cifar10",
-        "model=resnet20_resnet8",
-        "distill=kd",
-        "teacher.recipe.max_epochs=1",
-        "trainer.max_epochs=1",
-        *[
-            o
-            for o in tiny(tiny_data["cifar10"], "unused", tmp_path / "teachers")
-            if not o.startswith("paths.output")
-        ],
+        *small_cli_run(tiny_data["cifar10"], tmp_path / "teachers"),
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
     )
@@ -188,17 +192,8 @@ def test_ddp_on_two_cpu_processes_ends_with_identical_student_weights(tiny_data,
     run_dir = tmp_path / "ddp"
     proc = run_cli(
         "trainer=ddp_cpu",
-        "data=cifar10",
-        "model=resnet20_resnet8",
-        "distill=kd",
-        "teacher.recipe.max_epochs=1",
-        "trainer.max_epochs=1",
         "+callbacks.dump._target_=helpers.DumpStudentWeights",
-        *[
-            o
-            for o in tiny(tiny_data["cifar10"], "unused", tmp_path / "teachers")
-            if not o.startswith("paths.output")
-        ],
+        *small_cli_run(tiny_data["cifar10"], tmp_path / "teachers"),
         f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
     )
@@ -226,17 +221,8 @@ def test_optuna_search_tunes_gompertz_on_held_out_validation(tiny_data, tmp_path
         "hparams_search=gompertz_optuna",
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.sampler.n_startup_trials=2",
-        "data=cifar10",
+        *small_cli_run(tiny_data["cifar10"], tmp_path / "teachers"),
         "data.val_split=10",
-        "model=resnet20_resnet8",
-        "distill=kd",
-        "teacher.recipe.max_epochs=1",
-        "trainer.max_epochs=1",
-        *[
-            o
-            for o in tiny(tiny_data["cifar10"], "unused", tmp_path / "teachers")
-            if not o.startswith("paths.output")
-        ],
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
     )
