@@ -6,12 +6,17 @@ Returns the value an Optuna sweep optimises (``optimized_metric``, default none)
 
 from __future__ import annotations
 
+import warnings
+
 import hydra
 from omegaconf import DictConfig
 
 from gompertz_kd.config import CONFIG_DIR, register_configs
 
 register_configs()
+
+# Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates; nothing for users to act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
