@@ -258,3 +258,18 @@ def test_non_finite_loss_can_be_skipped_and_counted():
         torch.equal(before[k], after_skip[k]) for k in before
     )  # the skipped step changed nothing
     assert any(not torch.equal(after_skip[k], after_next[k]) for k in before)  # training went on
+
+
+@pytest.mark.slow
+def test_compiled_networks_give_the_same_losses():
+    torch.manual_seed(0)
+    plain = small_module(wd_scale=1.0)
+    compiled = small_module(wd_scale=1.0)
+    compiled.load_state_dict(plain.state_dict())
+    compiled.compile_networks()
+    plain.eval(), compiled.eval()
+    images, targets = batch()
+    _, terms_plain, _ = plain.compute_losses(images, targets)
+    _, terms_compiled, _ = compiled.compute_losses(images, targets)
+    for name in terms_plain:
+        torch.testing.assert_close(terms_compiled[name], terms_plain[name], rtol=1e-4, atol=1e-5)

@@ -66,6 +66,8 @@ def run_training(cfg: DictConfig) -> TrainingRun:
     log.info("Building data module <%s>", cfg.data._target_)
     datamodule = instantiate(cfg.data)
     teacher_ckpt = provision_teacher(cfg)
+    # Seed again: training a teacher just now must not change this run's initialisation.
+    L.seed_everything(cfg.seed, workers=True)
 
     log.info("Building model <%s>", cfg.model._target_)
     module: DistillationModule = instantiate(
