@@ -154,13 +154,15 @@ def test_teacher_is_trained_once_then_reused_and_auto_train_off_is_a_clear_error
         *tiny(tiny_data["cifar10"], tmp_path / "a", cache),
     ]
     cfg = compose_cfg(base)
-    train(cfg)
+    first = train(cfg)
     cached = teacher_cache_path(cfg)
     assert cached.is_file()
     stamp = cached.stat().st_mtime_ns
     second = compose_cfg([*base, f"paths.output_dir={tmp_path / 'b'}", "teacher.auto_train=false"])
-    train(second)
+    again = train(second)
     assert cached.stat().st_mtime_ns == stamp
+    # training the teacher first does not change the student's run: same seed, same result
+    assert again["test"] == first["test"] and again["best_val_top1"] == first["best_val_top1"]
     assert len(list(cache.glob("*.run"))) == 1
     # a teacher that would need a different recipe is not in the cache
     other = compose_cfg([*base, "teacher.recipe.lr=0.1", "teacher.auto_train=false"])
