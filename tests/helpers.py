@@ -67,3 +67,17 @@ class DumpStudentWeights(L.Callback):
 
         path = Path(trainer.default_root_dir) / f"student_rank{trainer.global_rank}.pt"
         torch.save(pl_module.student.state_dict(), path)
+
+
+class SendSignalAt(L.Callback):
+    """Sends a real signal to this process at the start of one training step (interruption tests)."""
+
+    def __init__(self, step: int, signum: int = 15):
+        self.step = step
+        self.signum = signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import os
+
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)

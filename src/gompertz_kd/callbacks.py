@@ -9,13 +9,16 @@ weights and the Gompertz stage.
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
-__all__ = ["GompertzWeightCallback", "RunTimer"]
+__all__ = ["GompertzWeightCallback", "GracefulStop", "RunInterrupted", "RunTimer", "checkpoint_dir"]
 
 
 class GompertzWeightCallback(L.Callback):
@@ -239,3 +242,91 @@ class RunTimer(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_seconds = float(state_dict["train_seconds"])
         self.train_images = int(state_dict["train_images"])
+
+
+class RunInterrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint to resume from."""
+
+    def __init__(self, signum: int, checkpoint: str, step: int) -> None:
+        self.signum = signum
+        self.checkpoint = checkpoint
+        self.step = step
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name} received: stopped at step {step}, checkpoint saved to {checkpoint}"
+        )
+
+
+class GracefulStop(L.Callback):
+    """Turn SIGINT (Ctrl-C) and SIGTERM (SLURM pre-emption, ``kill``) into a clean stop.
+
+    The signal only raises a flag; at the end of the current training batch, when the model,
+    optimiser and data position are consistent, a checkpoint is written to ``last.ckpt`` in the
+    checkpoint directory and :class:`RunInterrupted` ends the run (the command exits with
+    128 + the signal number and writes no ``results.json``). Resuming with ``ckpt_path=last`` in
+    the same run directory continues exactly: optimiser, LR schedule, loss-weight callback, and
+    (with the tensor data path) the rest of the interrupted epoch's batches in the same order.
+    A second Ctrl-C aborts at once. Under DDP all ranks stop at the same batch.
+    """
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: stop now
+        self.requested = signum
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.requested = None
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handler)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore()
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        requested = self.requested is not None
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if not requested:
+            return
+        signum = self.requested or signal.SIGTERM
+        path = checkpoint_dir(trainer) / "last.ckpt"
+        trainer.save_checkpoint(path)
+        # This batch's values reach the loggers only after this hook; log them now so the
+        # history is whole (Lightning's own step logging, as it would run next).
+        connector = getattr(trainer, "_logger_connector", None)
+        if connector is not None and hasattr(connector, "update_train_step_metrics"):
+            connector.update_train_step_metrics()
+        for logger in trainer.loggers:
+            logger.save()
+        raise RunInterrupted(signum, str(path), trainer.global_step)
+
+
+def checkpoint_dir(trainer: L.Trainer) -> Path:
+    """Where this run keeps its checkpoints: the ModelCheckpoint's directory, or
+    ``<default_root_dir>/checkpoints``."""
+    dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+    return Path(dirpath) if dirpath else Path(trainer.default_root_dir) / "checkpoints"

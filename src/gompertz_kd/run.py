@@ -6,6 +6,8 @@ Returns the value an Optuna sweep optimises (``optimized_metric``, default none)
 
 from __future__ import annotations
 
+import logging
+import sys
 import warnings
 
 import hydra
@@ -14,6 +16,7 @@ from omegaconf import DictConfig
 from gompertz_kd.config import CONFIG_DIR, register_configs
 
 register_configs()
+log = logging.getLogger("gompertz_kd.run")
 
 # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates; nothing for users to act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
@@ -21,9 +24,14 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from gompertz_kd.train import metric_value, train  # after Hydra parsed the command line
+    from gompertz_kd.callbacks import RunInterrupted  # after Hydra parsed the command line
+    from gompertz_kd.train import metric_value, resume_command, train
 
-    results = train(cfg)
+    try:
+        results = train(cfg)
+    except RunInterrupted as stop:
+        log.warning("%s. Resume with:\n  %s", stop, resume_command(cfg))
+        sys.exit(128 + stop.signum)
     return metric_value(results, cfg.get("optimized_metric"))
 
 

@@ -8,9 +8,11 @@ last, atomically, and only by a run that got there: a failed run leaves none.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
+import shlex
 import subprocess
 import time
 from dataclasses import dataclass
@@ -78,10 +80,13 @@ def run_training(cfg: DictConfig) -> TrainingRun:
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    resume_from = _resume_path(cfg, output_dir)
+    if resume_from is not None:
+        _continue_csv_history(loggers)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, output_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     if trainer.interrupted:
         raise RuntimeError("training was interrupted; no results.json written")
 
@@ -172,6 +177,22 @@ def _resume_path(cfg: DictConfig, output_dir: Path) -> str | None:
     return str(path)
 
 
+def _continue_csv_history(loggers: list[Any]) -> None:
+    """A resumed run appends to its metrics.csv instead of starting it afresh: keep the file
+    Lightning's CSV writer deletes on creation, and tell the writer the columns already there."""
+    for logger in loggers:
+        if isinstance(logger, CSVLogger):
+            metrics = Path(logger.log_dir) / "metrics.csv"
+            if not metrics.is_file():
+                continue
+            history = metrics.read_bytes()
+            with metrics.open(newline="") as f:
+                header = next(csv.reader(f), [])
+            writer = logger.experiment  # a new writer deletes the file it finds: put it back
+            metrics.write_bytes(history)
+            writer.metrics_keys = list(header)
+
+
 def _instantiate_group(group: DictConfig | None) -> list[Any]:
     """Build every ``_target_`` entry of a callbacks/logger group (entries may be null)."""
     if not group:
@@ -191,6 +212,13 @@ def _run_name(cfg: DictConfig) -> str:
         if experiment:
             return str(experiment)
     return str(cfg.get("task_name", "train"))
+
+
+def resume_command(cfg: DictConfig) -> str:
+    """The command line that resumes this run in its own directory from its last checkpoint."""
+    kept = [o for o in _task_overrides() if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
+    args = [*kept, "ckpt_path=last", f"hydra.run.dir={cfg.paths.output_dir}"]
+    return "python -m gompertz_kd.run " + " ".join(shlex.quote(a) for a in args)
 
 
 def _task_overrides() -> list[str]:

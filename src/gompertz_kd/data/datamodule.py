@@ -216,6 +216,13 @@ class CIFARDataModule(L.LightningDataModule):
             self._loaded[split] = arrays
         return self._loaded[split]
 
+    def _consumed_train_batches(self) -> int:
+        """Training batches of the current epoch the trainer has taken (Lightning's own count;
+        the loader cannot count them itself because Lightning fetches one batch ahead)."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
     def _placement(self) -> tuple[int, int, torch.device]:
         """(rank, world size, device) from the trainer; a single CPU process without one."""
         trainer = self.trainer
@@ -242,8 +249,9 @@ class CIFARDataModule(L.LightningDataModule):
         seed = mix_seed(self.seed, rank)
         if self.uses_tensor_path:
             transform = batch_transform(self.dataset, augment)
+            consumed = self._consumed_train_batches if train else None
             return TensorBatchLoader(
-                arrays, batch_size, transform, sampler, seed, device, drop_last
+                arrays, batch_size, transform, sampler, seed, device, drop_last, consumed
             )
         pin_memory = device.type == "cuda" if self.pin_memory is None else self.pin_memory
         return DataLoader(

@@ -15,7 +15,7 @@ injects none of its own.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -99,6 +99,8 @@ class TensorBatchLoader:
         arrays: the split; its tensors are copied to ``device`` once.
         batch_size: images per batch; the last batch of a pass may be smaller.
         drop_last: drop a last batch smaller than ``batch_size``.
+        consumed_batches: how many batches of the current epoch training has used (the trainer's
+            count, which excludes batches Lightning prefetched), saved by :meth:`state_dict`.
         transform: batched augmentation and normalisation.
         sampler: which indices this rank visits, in order; ``sampler.epoch`` (read at the start of
             each pass) also seeds the augmentation, with ``seed``.
@@ -123,9 +125,13 @@ class TensorBatchLoader:
         seed: int = 0,
         device: torch.device | str = "cpu",
         drop_last: bool = False,
+        consumed_batches: Callable[[], int] | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.drop_last = drop_last
+        self.consumed_batches = consumed_batches
+        self._resume: dict[str, int] | None = None
+        self._epoch = sampler.epoch
         self.images = arrays.images.to(self.device)
         self.labels = arrays.labels.to(self.device)
         self.batch_size = batch_size
@@ -139,15 +145,34 @@ class TensorBatchLoader:
         return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        epoch = self.sampler.epoch
+        # the sampler moves its own epoch on once iterated: remember the one this pass uses
+        epoch = self._epoch = self.sampler.epoch
+        skip = 0
+        if self._resume is not None and self._resume["epoch"] == epoch:
+            skip = self._resume["batches"]
+        self._resume = None
         order = torch.tensor(list(self.sampler), dtype=torch.int64, device=self.device)
         generator = torch.Generator(self.device).manual_seed(mix_seed(self.seed, epoch))
-        for index in order.split(self.batch_size):
+        for number, index in enumerate(order.split(self.batch_size)):
             if self.drop_last and len(index) < self.batch_size:
                 break
             with _one_cpu_thread(self.device):
+                # batches already trained on before a resume are drawn (so the augmentation
+                # generator advances exactly as it did) but not yielded
                 batch = self.transform(self.images[index], generator), self.labels[index]
-            yield batch
+            if number >= skip:
+                yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training is in this epoch: ``{"epoch", "batches"}`` (batches already trained on).
+
+        Lightning saves this in every checkpoint; with :meth:`load_state_dict` a run resumed from
+        a checkpoint taken mid-epoch sees exactly the rest of that epoch's batches."""
+        consumed = self.consumed_batches() if self.consumed_batches is not None else 0
+        return {"epoch": int(self._epoch), "batches": int(consumed)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}
 
 
 @contextmanager

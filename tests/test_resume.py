@@ -1,0 +1,144 @@
+"""Interruption and resume: a run stopped by a signal and resumed ends exactly as an uninterrupted one."""
+
+import csv
+import json
+import shlex
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from gompertz_kd.callbacks import RunInterrupted
+from gompertz_kd.config import CONFIG_DIR
+from gompertz_kd.train import run_training
+
+from helpers import make_cifar_folder
+
+STEPS_PER_EPOCH = 5  # 20 tiny training images, batch 4
+
+
+@pytest.fixture(scope="module")
+def tiny_c10(tmp_path_factory):
+    return make_cifar_folder(
+        tmp_path_factory.mktemp("c10"), "cifar10", train_per_class=2, test_per_class=1
+    )
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("teachers")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_c10, cache, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("full")
+    return run_training(compose_cfg(overrides(tiny_c10, run_dir, cache))), run_dir
+
+
+def overrides(root, out, cache):
+    return [
+        "data=cifar10",
+        "data.source=folder",
+        f"data.root={root}",
+        "data.batch_size=4",
+        "model=resnet20_resnet8",
+        "distill=kd",
+        "teacher.recipe.max_epochs=1",
+        "trainer.max_epochs=3",
+        "trainer.deterministic=true",
+        "trainer.log_every_n_steps=1",
+        f"paths.output_dir={out}",
+        f"paths.teacher_cache={cache}",
+        "print_config=false",
+        "callbacks.rich_progress_bar=null",
+    ]
+
+
+def compose_cfg(extra):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=extra)
+
+
+def logged(run_dir, column):
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get(column)]
+    return {int(r["step"]): float(r[column]) for r in rows}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(
+    tiny_c10, cache, uninterrupted, tmp_path, signum
+):
+    full, full_dir = uninterrupted
+
+    run_dir = tmp_path / "interrupted"
+    stop_at = STEPS_PER_EPOCH + 2  # mid second epoch
+    killer = [
+        "+callbacks.kill._target_=helpers.SendSignalAt",
+        f"+callbacks.kill.step={stop_at}",
+        f"+callbacks.kill.signum={int(signum)}",
+    ]
+    with pytest.raises(RunInterrupted) as stop:
+        run_training(compose_cfg([*overrides(tiny_c10, run_dir, cache), *killer]))
+    assert stop.value.signum == signum and stop.value.step == stop_at + 1
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert not (run_dir / "results.json").exists()
+    assert signal.getsignal(signal.SIGINT) is not None  # handlers restored
+
+    resumed = run_training(compose_cfg([*overrides(tiny_c10, run_dir, cache), "ckpt_path=last"]))
+    want, got = full.module.student.state_dict(), resumed.module.student.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert resumed.results["test"] == full.results["test"]
+    assert logged(run_dir, "kd_weight") == logged(full_dir, "kd_weight")
+    assert logged(run_dir, "train/loss") == logged(full_dir, "train/loss")
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "completed"
+
+
+def test_cli_exits_with_signal_code_and_prints_the_resume_command(tiny_c10, cache, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [
+        *[o for o in overrides(tiny_c10, "unused", cache) if not o.startswith("paths.output")],
+        f"hydra.run.dir={run_dir}",
+    ]
+    env_path = {"PYTHONPATH": str(__import__("pathlib").Path(__file__).parent)}
+    import os
+
+    env = {**os.environ, **env_path}
+    first = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gompertz_kd.run",
+            *args,
+            "+callbacks.kill._target_=helpers.SendSignalAt",
+            "+callbacks.kill.step=3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert first.returncode == 128 + signal.SIGTERM, first.stderr[-2000:]
+    out = first.stdout + first.stderr
+    assert "Resume with" in out and "ckpt_path=last" in out
+    assert not (run_dir / "results.json").exists()
+    line = next(
+        x.strip() for x in out.splitlines() if x.strip().startswith("python -m gompertz_kd.run")
+    )
+    resume = shlex.split(line)[3:]
+    assert "+callbacks.kill.step=3" in resume  # the same run, continued: drop the killer ourselves
+    resume = [a for a in resume if not a.startswith("+callbacks.kill")]
+    second = subprocess.run(
+        [sys.executable, "-m", "gompertz_kd.run", *resume],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "completed"
