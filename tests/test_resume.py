@@ -142,3 +142,26 @@ def test_cli_exits_with_signal_code_and_prints_the_resume_command(tiny_c10, cach
     )
     assert second.returncode == 0, second.stderr[-2000:]
     assert json.loads((run_dir / "results.json").read_text())["status"] == "completed"
+
+
+def test_two_seeded_deterministic_quick_runs_are_bitwise_equal(tiny_c10, cache, tmp_path):
+    """`quick`, shortened to tiny data, twice with the same seed: the same metrics, bit for bit."""
+
+    def run(name):
+        out = tmp_path / name
+        cfg = compose_cfg(
+            [
+                "experiment=quick",
+                *[
+                    o
+                    for o in overrides(tiny_c10, out, cache)
+                    if not o.startswith(("data=", "model=", "distill="))
+                ],
+            ]
+        )
+        results = run_training(cfg).results
+        return results, (out / "csv" / "metrics.csv").read_text()
+
+    (first, first_csv), (second, second_csv) = run("a"), run("b")
+    assert first["test"] == second["test"] and first["best"] == second["best"]
+    assert first_csv == second_csv

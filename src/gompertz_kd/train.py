@@ -22,6 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -61,25 +62,31 @@ def run_training(cfg: DictConfig) -> TrainingRun:
     if cfg.get("print_config") and _is_global_zero():
         print_config_tree(cfg, save_to=output_dir / "config_tree.log")
 
-    # Bad schedule values fail here, before data or models are touched.
-    instantiate(cfg.schedule)
+    # Bad values fail here, before data or models are touched.
+    check_config(cfg)
+    log.info(
+        "Run directory %s; teacher cache %s; data %s",
+        output_dir.resolve(),
+        Path(cfg.teacher.cache_dir).expanduser().resolve() if "teacher" in cfg else None,
+        Path(str(cfg.data.root)).expanduser().resolve(),
+    )
     L.seed_everything(cfg.seed, workers=True)
 
     log.info("Building data module <%s>", cfg.data._target_)
-    datamodule = instantiate(cfg.data)
+    datamodule = build(cfg.data)
     teacher_ckpt = provision_teacher(cfg)
     # Seed again: training a teacher just now must not change this run's initialisation.
     L.seed_everything(cfg.seed, workers=True)
 
     log.info("Building model <%s>", cfg.model._target_)
-    module: DistillationModule = instantiate(
+    module: DistillationModule = build(
         cfg.model, num_classes=datamodule.num_classes, teacher_ckpt=teacher_ckpt, _convert_="all"
     )
     if cfg.get("compile"):
         module.compile_networks()
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     resume_from = _resume_path(cfg, output_dir)
     if resume_from is not None:
         _continue_csv_history(loggers)
@@ -95,6 +102,52 @@ def run_training(cfg: DictConfig) -> TrainingRun:
         _write_json_atomically(output_dir / RESULTS_FILE, results)
         log.info("Results written to %s", output_dir / RESULTS_FILE)
     return TrainingRun(results=results, module=module, trainer=trainer)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject values no run can use, naming the field: the schedule's parameters (checked by the
+    schedule itself), learning rates, epoch counts and batch sizes.
+
+    Raises:
+        ValueError: ``<field>=<value>`` and what it must be.
+    """
+    build(cfg.schedule)
+    problems = []
+    lr = cfg.model.get("lr")
+    if lr is not None and not lr > 0:
+        problems.append(f"model.lr={lr} must be > 0 (or null for the benchmark's default)")
+    epochs, steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps", -1)
+    if (epochs is None or epochs < 1) and not (steps is not None and steps > 0):
+        problems.append(f"trainer.max_epochs={epochs} must be >= 1 (or set trainer.max_steps > 0)")
+    if not cfg.data.get("batch_size", 1) >= 1:
+        problems.append(f"data.batch_size={cfg.data.batch_size} must be >= 1")
+    recipe = cfg.get("teacher", {}).get("recipe") if cfg.model.get("teacher") else None
+    if recipe is not None:
+        if not recipe.lr > 0:
+            problems.append(f"teacher.recipe.lr={recipe.lr} must be > 0")
+        if not recipe.max_epochs >= 1:
+            problems.append(f"teacher.recipe.max_epochs={recipe.max_epochs} must be >= 1")
+        if not recipe.batch_size >= 1:
+            problems.append(f"teacher.recipe.batch_size={recipe.batch_size} must be >= 1")
+    problems += _device_problems(cfg.trainer)
+    if problems:
+        raise ValueError("invalid configuration: " + "; ".join(problems))
+
+
+def _device_problems(trainer: DictConfig) -> list[str]:
+    accelerator, devices = str(trainer.get("accelerator", "auto")), trainer.get("devices", "auto")
+    if accelerator not in ("gpu", "cuda"):
+        return []
+    available = torch.cuda.device_count()
+    if available == 0:
+        return [
+            f"trainer.accelerator={accelerator} but no CUDA GPU is visible here; use trainer=cpu"
+        ]
+    if isinstance(devices, int) and devices > available:
+        return [
+            f"trainer.devices={devices} but this machine has {available} GPU(s); use trainer.devices<={available}"
+        ]
+    return []
 
 
 def _collect_results(
@@ -191,6 +244,18 @@ def _continue_csv_history(loggers: list[Any]) -> None:
             writer = logger.experiment  # a new writer deletes the file it finds: put it back
             metrics.write_bytes(history)
             writer.metrics_keys = list(header)
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, but a user error raised by the object's constructor
+    (``ValueError``, ``FileNotFoundError``, ``CheckpointError``) surfaces as itself, with its own
+    message, rather than wrapped in Hydra's ``InstantiationException``."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ValueError | FileNotFoundError):
+            raise err.__cause__ from None
+        raise
 
 
 def _instantiate_group(group: DictConfig | None) -> list[Any]:
