@@ -165,3 +165,18 @@ def test_two_seeded_deterministic_quick_runs_are_bitwise_equal(tiny_c10, cache, 
     (first, first_csv), (second, second_csv) = run("a"), run("b")
     assert first["test"] == second["test"] and first["best"] == second["best"]
     assert first_csv == second_csv
+
+
+def test_rerunning_the_same_config_writes_a_new_directory(tiny_c10, cache, tmp_path):
+    import os
+
+    env = {**os.environ, "GOMPERTZ_KD_ROOT": str(tmp_path)}
+    args = [o for o in overrides(tiny_c10, "unused", cache) if not o.startswith("paths.output")]
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, "-m", "gompertz_kd.run", *args, "++trainer.fast_dev_run=true"],
+            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+    runs = sorted(p.parent for p in (tmp_path / "logs").glob("train/runs/*/results.json"))
+    assert len(runs) == 2 and runs[0] != runs[1]
