@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full lint format train notebooks clean
+.PHONY: help install test test-full lint format train notebooks bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ train: ## train one experiment: make train ARGS="experiment=c100_resnet50_mbv2"
 
 notebooks: ## run the notebooks; executed copies with plots in logs/notebooks/ (ARGS=--tiny: seconds, generated data)
 	$(BIN)/python scripts/run_notebooks.py $(ARGS)
+
+bench: ## time the distillation steps, data paths and torch.compile (3-9 min on 2 CPUs); writes docs/benchmarks.md
+	$(BIN)/python -m gompertz_kd.bench --batch 32 --repeats 5 --budget 420 --compile --output docs/benchmarks.md
 
 clean: ## remove caches and build outputs (keeps .venv and data)
 	rm -rf build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,11 +1,14 @@
+import copy
 import math
 
 import lightning as L
 import pytest
 import torch
 
+from gompertz_kd import losses
 from gompertz_kd.callbacks import GompertzWeightCallback
-from gompertz_kd.module import DistillationModule, NonFiniteLossError, benchmark_lr
+from gompertz_kd.models import create_model
+from gompertz_kd.module import DistillationModule, NonFiniteLossError, benchmark_lr, fold_batchnorm
 from gompertz_kd.schedules import Constant, Gompertz, LinearWarmup
 
 from helpers import cpu_trainer, random_loader
@@ -224,8 +227,8 @@ class _NaNAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         original = type(pl_module).compute_losses
 
-        def patched(module, images, targets):
-            logits, terms, teacher = original(module, images, targets)
+        def patched(module, images, targets, step=None):
+            logits, terms, teacher = original(module, images, targets, step)
             if trainer.global_step == self.step:
                 terms["loss_kd"] = terms["loss_kd"] * float("nan")
             return logits, terms, teacher
@@ -273,3 +276,176 @@ def test_compiled_networks_give_the_same_losses():
     _, terms_compiled, _ = compiled.compute_losses(images, targets)
     for name in terms_plain:
         torch.testing.assert_close(terms_compiled[name], terms_plain[name], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- cost options
+
+
+def _random_batchnorm_statistics(model: torch.nn.Module, seed: int = 1) -> None:
+    """Trained-looking BatchNorm layers, so that folding them is not a no-op."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+            m.weight.data.copy_(0.5 + torch.rand(n, generator=g))
+            m.bias.data.copy_(0.1 * torch.randn(n, generator=g))
+
+
+def test_folded_teacher_computes_the_same_function_and_keeps_its_state_dict():
+    folded = small_module(gm_scale=1.0)
+    _random_batchnorm_statistics(folded.teacher)
+    plain = small_module(gm_scale=1.0, fold_teacher_bn=False)
+    plain.load_state_dict(folded.state_dict())
+    images, targets = batch(n=6)
+    images = images.contiguous(memory_format=torch.channels_last)
+    out_f, grad_f = folded.teacher_forward(images, targets, input_gradient=True)
+    out_p, grad_p = plain.teacher_forward(images, targets, input_gradient=True)
+    torch.testing.assert_close(out_f.logits, out_p.logits, rtol=1e-4, atol=1e-4)
+    for f, p in zip(out_f.features, out_p.features, strict=True):
+        torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad_f, grad_p, rtol=1e-4, atol=1e-6)
+    # the folded copy is private: checkpoints hold the teacher as built
+    assert set(folded.state_dict()) == set(plain.state_dict())
+    assert not any("fold" in k or "_teacher_cache" in k for k in folded.state_dict())
+    assert "BatchNorm2d" in {type(m).__name__ for m in folded.teacher.modules()}
+    runner = folded._teacher_cache[2]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in runner.modules())
+
+
+def test_folded_teacher_follows_weights_loaded_after_it_was_built():
+    module = small_module()
+    images = module._format(batch()[0])
+    before, _ = module.teacher_forward(images)  # builds the folded copy
+    fresh = small_module().teacher
+    _random_batchnorm_statistics(fresh, seed=3)
+    module.teacher.load_state_dict(fresh.state_dict())
+    after, _ = module.teacher_forward(images)
+    with torch.no_grad():
+        reference = fresh(images)
+    assert not torch.allclose(before.logits, reference, atol=1e-3)
+    torch.testing.assert_close(after.logits, reference, rtol=1e-4, atol=1e-4)
+    assert copy.deepcopy(module)._teacher_cache is None  # a compiled runner would not copy
+
+
+def test_untraceable_teacher_runs_unfolded_with_a_warning():
+    with pytest.warns(UserWarning, match="cannot be traced"):
+        assert fold_batchnorm(create_model("vgg8", num_classes=10)) is None
+
+
+def test_teacher_keeps_no_autograd_state_unless_gradient_matching_is_due():
+    module = small_module(gm_scale=1.0, gm_every=2)
+    module.train()
+    images, targets = batch()
+    out, grad = module.teacher_forward(module._format(images))
+    assert grad is None and out.logits.grad_fn is None and not out.logits.requires_grad
+    _, terms, teacher_logits = module.compute_losses(images, targets, step=1)
+    assert "loss_gm" not in terms and teacher_logits.grad_fn is None
+    _, terms, _ = module.compute_losses(images, targets, step=2)
+    assert "loss_gm" in terms
+    module.weighted_total(terms).backward()
+    assert all(p.grad is None for p in module.teacher.parameters())
+
+
+def test_gm_every_applies_the_term_on_due_steps_with_its_weight_scaled():
+    module = small_module(gm_scale=1.0, gm_every=3, schedule=Constant(0.5))
+    module.train()
+    images, targets = batch()
+    due = [("loss_gm" in module.compute_losses(images, targets, step=s)[1]) for s in range(7)]
+    assert due == [True, False, False, True, False, False, True]
+    assert "loss_gm" in module.compute_losses(images, targets)[1]  # no step: every term
+    terms = {
+        "loss_ce": torch.tensor(2.0),
+        "loss_kd": torch.tensor(3.0),
+        "loss_gm": torch.tensor(0.4),
+    }
+    assert module.weighted_total(terms).item() == pytest.approx(2.0 + 0.5 * 3.0 + 3 * 0.5 * 0.4)
+
+
+def test_gm_every_counts_the_trainers_optimizer_steps():
+    module = small_module(gm_scale=1.0, gm_every=2)
+    original = module.compute_losses
+    calls = []
+
+    def recording(images, targets, step=None):
+        result = original(images, targets, step)
+        calls.append((step, "loss_gm" in result[1]))
+        return result
+
+    module.compute_losses = recording
+    cpu_trainer(max_steps=4).fit(module, random_loader(n=16))
+    assert calls == [(0, True), (1, False), (2, True), (3, False)]
+
+
+def test_bf16_teacher_gives_fp32_outputs_close_to_the_fp32_teacher():
+    fp32 = small_module(wd_scale=1.0)
+    bf16 = small_module(wd_scale=1.0, teacher_precision="bf16")
+    bf16.load_state_dict(fp32.state_dict())
+    images, targets = batch(n=8)
+    images = images.contiguous(memory_format=torch.channels_last)
+    out32, _ = fp32.teacher_forward(images)
+    out16, _ = bf16.teacher_forward(images)
+    assert out16.logits.dtype == torch.float32 and all(
+        f.dtype == torch.float32 for f in out16.features
+    )
+    assert not torch.equal(out16.logits, out32.logits)  # it did run in bf16
+    torch.testing.assert_close(out16.logits, out32.logits, rtol=0.05, atol=0.05)
+    student_logits = torch.randn(8, 10)
+    kd32 = losses.kd_loss(student_logits, out32.logits, 4.0)
+    kd16 = losses.kd_loss(student_logits, out16.logits, 4.0)
+    assert kd16.item() == pytest.approx(kd32.item(), rel=0.02)
+
+
+def test_fp32_precisions_hold_under_an_outer_bf16_autocast():
+    module = small_module(gm_scale=1.0, teacher_precision="32", gm_precision="32")
+    module.train()
+    images, targets = batch(n=8)
+    _, reference, _ = module.compute_losses(images, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = module.teacher_forward(module._format(images))
+        _, terms, _ = module.compute_losses(images, targets)
+    assert out.logits.dtype == torch.float32
+    # the gradient-matching step ran wholly in fp32: the same values as without autocast
+    for name in ("loss_ce", "loss_gm"):
+        assert terms[name].item() == reference[name].item(), name
+
+
+def test_compile_keeps_the_student_eager_under_gradient_matching():
+    plain_forward = type(small_module().student).forward_stages
+    with pytest.warns(UserWarning, match="student stays eager"):
+        module = small_module(gm_scale=1.0)
+        module.compile_networks()
+    assert module.student.forward_stages.__func__ is plain_forward
+    module = small_module()
+    module.compile_networks()
+    assert getattr(module.student.forward_stages, "__func__", None) is not plain_forward
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"teacher_precision": "fp16"}, "teacher_precision"),
+        ({"gm_precision": "bf16"}, "gm_precision"),
+        ({"gm_every": 0}, "gm_every"),
+        ({"gm_every": 1.5}, "gm_every"),
+    ],
+)
+def test_bad_cost_options_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        small_module(**kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_folded_bf16_teacher_on_cuda_follows_the_device_move():
+    module = small_module(gm_scale=1.0, teacher_precision="bf16")
+    images, targets = batch(n=8)
+    module.teacher_forward(module._format(images))  # builds the folded copy on the CPU
+    module.cuda().train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, terms, teacher_logits = module.compute_losses(images.cuda(), targets.cuda())
+    assert teacher_logits.device.type == "cuda" and teacher_logits.dtype == torch.float32
+    assert all(torch.isfinite(v) for v in terms.values())
+    module.weighted_total(terms).backward()
+    assert all(p.grad is None for p in module.teacher.parameters())

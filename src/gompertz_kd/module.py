@@ -11,6 +11,7 @@ batch and calls :meth:`DistillationModule.set_progress`, which reads each term's
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -24,14 +25,23 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from gompertz_kd import losses
 from gompertz_kd.checkpoints import load_weights
-from gompertz_kd.models import create_model, feature_shapes
+from gompertz_kd.models import StageOutput, create_model, feature_shapes
 from gompertz_kd.schedules import Gompertz, Schedule, Stage
 
-__all__ = ["TERMS", "DistillationModule", "NonFiniteLossError", "benchmark_lr"]
+__all__ = [
+    "TEACHER_PRECISIONS",
+    "TERMS",
+    "DistillationModule",
+    "NonFiniteLossError",
+    "benchmark_lr",
+    "fold_batchnorm",
+]
 
 # The distillation terms, in the order they are logged. ``loss_<term>`` is the raw term,
 # ``<term>_weight`` its current weight, ``<term>_scale`` its constant factor.
 TERMS = ("kd", "wd", "gm")
+# Precision of the teacher's passes: None follows the trainer's autocast.
+TEACHER_PRECISIONS = (None, "32", "bf16")
 
 # The frozen teacher is in eval mode on purpose; Lightning's generic warning about it is noise.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -81,12 +91,35 @@ class DistillationModule(L.LightningModule):
             replacing the default; they receive the trainable parameters / the optimiser.
         channels_last: keep both networks and the input batches in ``channels_last`` memory
             format (faster convolutions on most CPUs and on tensor-core GPUs).
+        teacher_precision: precision of the teacher's passes. ``None`` follows the trainer (fp32,
+            or bf16 under ``precision="bf16-mixed"``); ``"32"`` keeps the teacher in fp32 even
+            under mixed precision; ``"bf16"`` runs it under bf16 autocast even when the student
+            trains in fp32 (about 2x faster on CPUs with AVX512-BF16 or AMX, not exact: see
+            ``docs/benchmarks.md``). Its outputs are cast to fp32 for the loss terms.
+        fold_teacher_bn: run the frozen teacher through a private copy with every eval-mode
+            BatchNorm folded into the convolution before it (``torch.fx``): the same function up
+            to float rounding, without BatchNorm's passes over memory, which dominate the
+            teacher's backward to the image under gradient matching. The copy is rebuilt when
+            the teacher's tensors change (a device move, loaded weights); state dicts and
+            checkpoints hold the teacher as built. A teacher that ``torch.fx`` cannot trace runs
+            unfolded, with a warning.
+        gm_every: compute the gradient-matching term on every ``gm_every``-th training step
+            only (``global_step % gm_every == 0``), with its weight multiplied by ``gm_every`` so
+            its average contribution is unchanged (lazy regularisation). The other steps skip
+            the teacher's backward and the student's double backward.
+        gm_precision: ``None`` runs gradient matching in the trainer's precision; ``"32"`` runs
+            the student's forward and the teacher's input-gradient pass in fp32 on the steps
+            where the term is due, even under ``bf16-mixed`` (the student's second-order
+            gradient in bf16 is far from the fp32 one: see ``docs/benchmarks.md``).
         nonfinite: what a NaN or infinite loss does: ``"stop"`` raises
             :class:`NonFiniteLossError` naming the term, the step and the last checkpoint;
             ``"skip"`` skips the batch (no update) and counts it in ``train/skipped_batches``.
 
     The training forward :meth:`compute_losses` returns ``(student_logits, {"loss_ce": ...,
     "loss_kd": ..., ...})``; the total is the weighted sum of that dict.
+
+    Raises:
+        ValueError: an argument out of its range or not one of its choices (named in the message).
     """
 
     def __init__(
@@ -118,6 +151,10 @@ class DistillationModule(L.LightningModule):
         lr_scheduler: SchedulerFactory | None = None,
         channels_last: bool = True,
         nonfinite: str = "stop",
+        teacher_precision: str | int | None = None,
+        fold_teacher_bn: bool = True,
+        gm_every: int = 1,
+        gm_precision: str | int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -139,8 +176,30 @@ class DistillationModule(L.LightningModule):
             raise ValueError(f"ce_weight must be >= 0, got ce_weight={ce_weight}")
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got nonfinite={nonfinite!r}")
+        # Hydra reads `teacher_precision=32` as an integer.
+        teacher_precision = None if teacher_precision is None else str(teacher_precision)
+        gm_precision = None if gm_precision is None else str(gm_precision)
+        if teacher_precision not in TEACHER_PRECISIONS:
+            raise ValueError(
+                f"teacher_precision must be one of {TEACHER_PRECISIONS}, got "
+                f"teacher_precision={teacher_precision!r}"
+            )
+        if gm_precision not in (None, "32"):
+            raise ValueError(
+                f"gm_precision must be None or '32', got gm_precision={gm_precision!r}"
+            )
+        if isinstance(gm_every, bool) or not isinstance(gm_every, int) or gm_every < 1:
+            raise ValueError(f"gm_every must be an integer >= 1, got gm_every={gm_every!r}")
         self.nonfinite = nonfinite
         self.skipped_batches = 0
+        self.teacher_precision = teacher_precision
+        self.fold_teacher_bn = fold_teacher_bn
+        self.gm_every = gm_every
+        self.gm_precision = gm_precision
+        # (watched teacher tensors, their fingerprint, the callable the teacher's forward runs
+        # through); a plain tuple, so neither state_dict nor .to() sees it. See _teacher_runner.
+        self._teacher_cache: tuple[tuple, tuple, Callable[[Tensor], StageOutput]] | None = None
+        self._compile_kwargs: dict[str, Any] | None = None
 
         self.student = _build(student, num_classes, "student")
         self.teacher = None if teacher is None else _build(teacher, num_classes, "teacher")
@@ -236,68 +295,144 @@ class DistillationModule(L.LightningModule):
         return self.student(self._format(images))
 
     def compute_losses(
-        self, images: Tensor, targets: Tensor
+        self, images: Tensor, targets: Tensor, step: int | None = None
     ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
         """One training forward: student (and teacher) on a batch, every active loss term.
 
         Args:
             images: ``(N, 3, H, W)`` normalised batch.
             targets: ``(N,)`` class indices.
+            step: the training step, which decides whether gradient matching is due when
+                ``gm_every > 1``; ``None`` computes every active term.
 
         Returns:
             ``(student_logits, terms, teacher_logits)``: logits ``(N, K)``; ``terms`` maps
-            ``"loss_ce"`` and ``"loss_<term>"`` for each active term to an unweighted scalar;
-            teacher logits ``(N, K)`` (detached) or ``None`` without a teacher.
+            ``"loss_ce"`` and ``"loss_<term>"`` for each active term (``"loss_gm"`` only on the
+            steps it is due) to an unweighted scalar; teacher logits ``(N, K)`` (detached) or
+            ``None`` without a teacher.
 
-        Gradient matching needs the input gradient of both networks: the student's is built with
-        ``create_graph=True`` (one double-backward through the student when the total is
-        back-propagated), the teacher's with one extra backward through the frozen teacher.
+        Gradient matching needs the input gradient of both networks: the teacher's comes from
+        the same teacher forward (run with autograd on the input) plus one backward to the image;
+        the student's is built with ``create_graph=True`` (one double backward through the
+        student when the total is back-propagated).
         """
         images = self._format(images)
-        match_grads = "gm" in self.scales
+        match_grads = self.gm_due(step)
         if match_grads:
             images = images.detach().requires_grad_(True)
-        need_features = self.wasserstein is not None
-        student_out = self.student.forward_stages(images)
+        # The student's forward and its input gradient (create_graph: its ops dispatch through
+        # autocast too) run in gm_precision on the steps gradient matching is due.
+        gm_precision = self.gm_precision if match_grads else None
+        with self._precision(images, gm_precision):
+            student_out = self.student.forward_stages(images)
         terms = {"loss_ce": F.cross_entropy(student_out.logits, targets)}
         if self.teacher is None:
             return student_out.logits, terms, None
 
-        teacher_out, teacher_grad = self._teacher_forward(images, targets, match_grads)
+        teacher_out, teacher_grad = self.teacher_forward(images, targets, match_grads)
         if "kd" in self.scales:
             terms["loss_kd"] = losses.kd_loss(
                 student_out.logits, teacher_out.logits, self.temperature
             )
-        if need_features:
+        if self.wasserstein is not None:
             terms["loss_wd"] = self.wasserstein(student_out.features, teacher_out.features)
         if match_grads:
-            student_grad = losses.true_class_input_gradient(
-                student_out.logits, images, targets, create_graph=True
-            )
-            terms["loss_gm"] = losses.gradient_matching_loss(student_grad, teacher_grad)
+            with self._precision(images, gm_precision):
+                student_grad = losses.true_class_input_gradient(
+                    student_out.logits, images, targets, create_graph=True
+                )
+                terms["loss_gm"] = losses.gradient_matching_loss(student_grad, teacher_grad)
         return student_out.logits, terms, teacher_out.logits
 
-    def _teacher_forward(self, images: Tensor, targets: Tensor, with_input_grad: bool):
-        if not with_input_grad:
-            with torch.no_grad():
-                return self.teacher.forward_stages(images), None
+    def gm_due(self, step: int | None) -> bool:
+        """Whether the gradient-matching term is computed at training step ``step`` (``None``:
+        whenever it is on)."""
+        if "gm" not in self.scales:
+            return False
+        return step is None or step % self.gm_every == 0
+
+    def teacher_forward(
+        self, images: Tensor, targets: Tensor | None = None, input_gradient: bool = False
+    ) -> tuple[StageOutput, Tensor | None]:
+        """The frozen teacher on a batch, BatchNorm folded if asked, in ``teacher_precision``
+        (the input-gradient pass in ``gm_precision`` when that is set).
+
+        Args:
+            images: ``(N, 3, H, W)`` in the module's memory format.
+            targets: ``(N,)`` class indices; needed only with ``input_gradient``.
+            input_gradient: also return the gradient of each image's true-class cross-entropy
+                with respect to the image (:func:`gompertz_kd.losses.true_class_input_gradient`).
+
+        Returns:
+            ``(StageOutput, input_grad)``: detached teacher outputs (fp32 when the teacher ran in
+            bf16) and ``(N, 3, H, W)`` or ``None``. Without ``input_gradient`` no autograd state
+            is kept at all.
+        """
+        if self.teacher is None:
+            raise RuntimeError("this module has no teacher")
+        run = self._teacher_runner()
+        precision = self.teacher_precision
+        if input_gradient and self.gm_precision is not None:
+            precision = self.gm_precision
+        if not input_gradient:
+            with torch.no_grad(), self._precision(images, precision):
+                return self._teacher_output(run(images), precision), None
+        if targets is None:
+            raise ValueError("input_gradient=True needs the targets")
         # Only the input needs a gradient: the teacher's parameters are frozen, so autograd keeps
         # just what the backward to the image needs, and nothing reaches the student's graph.
         teacher_input = images.detach().requires_grad_(True)
-        with torch.enable_grad():
-            out = self.teacher.forward_stages(teacher_input)
+        with torch.enable_grad(), self._precision(images, precision):
+            out = run(teacher_input)
             grad = losses.true_class_input_gradient(
-                out.logits, teacher_input, targets, create_graph=False
+                out.logits.float(), teacher_input, targets, create_graph=False
             )
-        detached = type(out)(
-            out.logits.detach(), [f.detach() for f in out.features], out.pooled.detach()
+        return self._teacher_output(out, precision), grad
+
+    @staticmethod
+    def _teacher_output(out: StageOutput, precision: str | None) -> StageOutput:
+        to_fp32 = precision == "bf16"
+        return StageOutput(
+            logits=_detached(out.logits, to_fp32),
+            features=[_detached(f, to_fp32) for f in out.features],
+            pooled=_detached(out.pooled, to_fp32),
         )
-        return detached, grad
+
+    @staticmethod
+    def _precision(images: Tensor, precision: str | None) -> contextlib.AbstractContextManager:
+        """``None``: whatever autocast is around; ``"32"``: autocast off; ``"bf16"``: on."""
+        if precision is None:
+            return contextlib.nullcontext()
+        return torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def _teacher_runner(self) -> Callable[[Tensor], StageOutput]:
+        """The teacher's ``forward_stages``, through the BatchNorm-folded copy if asked and
+        compiled if :meth:`compile_networks` was called. Rebuilt when the teacher is replaced,
+        moved, cast or loaded with other weights (seen on its first and last parameter and
+        buffer: storage, version counter, dtype), a check of a few microseconds per step."""
+        cache = self._teacher_cache
+        if cache is not None and _fingerprint(self.teacher, cache[0]) == cache[1]:
+            return cache[2]
+        runner: Callable[[Tensor], StageOutput] = self.teacher.forward_stages
+        if self.fold_teacher_bn:
+            folded = fold_batchnorm(self.teacher)
+            if folded is not None:
+                if self.channels_last:
+                    folded = folded.to(memory_format=torch.channels_last)
+                runner = folded
+        if self._compile_kwargs is not None:
+            runner = torch.compile(runner, **self._compile_kwargs)
+        watched = _watched_tensors(self.teacher)
+        self._teacher_cache = (watched, _fingerprint(self.teacher, watched), runner)
+        return runner
 
     def weighted_total(self, terms: Mapping[str, Tensor]) -> Tensor:
-        """``sum(<term>_weight * loss_<term>)`` with the current weights."""
+        """``sum(<term>_weight * loss_<term>)`` with the current weights; ``loss_gm`` counts
+        ``gm_every`` times, as it is present on every ``gm_every``-th step only."""
         return sum(
-            self.loss_weights[name.replace("loss_", "") + "_weight"] * value
+            self.loss_weights[name.replace("loss_", "") + "_weight"]
+            * (self.gm_every if name == "loss_gm" else 1)
+            * value
             for name, value in terms.items()
         )
 
@@ -306,7 +441,7 @@ class DistillationModule(L.LightningModule):
         self, batch: tuple[Tensor, Tensor], batch_idx: int
     ) -> dict[str, Tensor] | None:
         images, targets = batch
-        logits, terms, teacher_logits = self.compute_losses(images, targets)
+        logits, terms, teacher_logits = self.compute_losses(images, targets, self.global_step)
         total = self.weighted_total(terms)
         batch_size = targets.shape[0]
         # One host sync per step; all ranks decide together so DDP never waits on a skipped rank.
@@ -415,12 +550,30 @@ class DistillationModule(L.LightningModule):
         return [GompertzWeightCallback()]
 
     def compile_networks(self, **compile_kwargs: Any) -> None:
-        """``torch.compile`` the hot path: the student's and the teacher's ``forward_stages``."""
-        self.student.forward_stages = torch.compile(self.student.forward_stages, **compile_kwargs)
-        if self.teacher is not None:
-            self.teacher.forward_stages = torch.compile(
-                self.teacher.forward_stages, **compile_kwargs
+        """``torch.compile`` the hot path: the student's and the teacher's ``forward_stages``.
+
+        The teacher is compiled as it runs (BatchNorm folded if ``fold_teacher_bn``). With
+        gradient matching on, the student stays eager, with a warning: compiled graphs have no
+        double backward.
+        """
+        if "gm" in self.scales:
+            warnings.warn(
+                "compile_networks: the student stays eager, since gradient matching needs a double "
+                "backward through it, which compiled graphs lack; the teacher is compiled",
+                stacklevel=2,
             )
+        else:
+            self.student.forward_stages = torch.compile(
+                self.student.forward_stages, **compile_kwargs
+            )
+        self._compile_kwargs = dict(compile_kwargs)
+        self._teacher_cache = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The cached teacher runner may be a compiled function, which does not pickle.
+        state = dict(super().__getstate__())
+        state["_teacher_cache"] = None
+        return state
 
     def _format(self, images: Tensor) -> Tensor:
         return (
@@ -436,3 +589,48 @@ def _build(model: str | nn.Module, num_classes: int, role: str) -> nn.Module:
             )
         return model
     return create_model(model, num_classes=num_classes)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module | None:
+    """An eval-mode copy of ``model`` whose ``forward`` is ``model.forward_stages`` with every
+    BatchNorm that follows a convolution folded into it (``torch.fx`` ``fuse``), parameters
+    frozen. ``None`` (with a warning) when the model cannot be traced."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        folded = fuse(_ForwardStages(model).eval(), inplace=False)
+    except Exception as error:  # tracing fails in many ways (control flow, untraceable ops)
+        warnings.warn(
+            f"fold_teacher_bn: {type(model).__name__} cannot be traced by torch.fx ({error}); "
+            "the teacher runs with its BatchNorm layers as built",
+            stacklevel=3,
+        )
+        return None
+    return folded.requires_grad_(False).eval()
+
+
+class _ForwardStages(nn.Module):
+    """``forward = model.forward_stages``, so that ``torch.fx`` traces the staged forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> StageOutput:
+        return self.model.forward_stages(x)
+
+
+def _watched_tensors(module: nn.Module) -> tuple[Tensor, ...]:
+    """The first and last parameter and buffer of ``module``: a move, a cast or a full
+    ``load_state_dict`` changes each of them."""
+    params, buffers = list(module.parameters()), list(module.buffers())
+    return tuple(t for group in (params, buffers) if group for t in (group[0], group[-1]))
+
+
+def _fingerprint(module: nn.Module, watched: tuple[Tensor, ...]) -> tuple:
+    return (id(module),) + tuple((t.data_ptr(), t._version, t.dtype) for t in watched)
+
+
+def _detached(t: Tensor, to_fp32: bool) -> Tensor:
+    t = t.detach()
+    return t.float() if to_fp32 else t

@@ -1,0 +1,131 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from gompertz_kd import bench, losses
+
+TINY = ["--teacher", "resnet14", "--student", "resnet8", "--num-classes", "10", "--batch", "4"]
+
+
+def test_report_lands_between_the_markers_and_keeps_the_hand_written_text(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(
+        f"# Benchmarks\n\nintro\n\n{bench.MARK_START}\nOLD-BLOCK\n{bench.MARK_END}\n\noutro\n"
+    )
+    argv = TINY + ["--repeats", "2", "--warmup", "0", "--gm-every", "2", "--fd-steps", "1e-2"]
+    argv += ["--data-batches", "2", "--workers", "0", "--sections", "steps,accuracy,data"]
+    report = bench.main(argv + ["--output", str(doc)])
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n") and text.endswith("\noutro\n")
+    assert "OLD-BLOCK" not in text and report.strip() in text
+    for needle in (
+        "resnet14 → resnet8",
+        "| teacher forward |",
+        "| student step |",
+        "| static KD step |",
+        "| + Wasserstein |",
+        "| full Gompertz-CNN step |",
+        "| + gradient matching, every 2 steps |",
+        "| Gompertz KD step, Lightning |",
+        "| overhead, Lightning: KD step / (student step + teacher forward) |",
+        "| tensor path (on_device=True) |",
+        "finite-difference gradient matching (not offered), step 0.01",
+        "| framework overhead ≤ 5 %",
+        "| gradient matching ≤ 1.6× the KD step |",
+        "| the data path never limits training |",
+    ):
+        assert needle in report, needle
+    # every row of the steps table has a positive rate and six cells
+    steps = report.split("### Steps")[1].split("### Ratios")[0].strip().splitlines()[2:]
+    assert len(steps) > 15 and all(row.count("|") == 8 for row in steps)
+    assert all(float(row.split("|")[2]) > 0 for row in steps)
+    assert all(row.count("|") == 3 for row in report.split("### Accuracy")[1].splitlines()[4:12])
+    # a second run replaces the block instead of adding one
+    bench.write_report(doc, "new body")
+    assert doc.read_text().count(bench.MARK_START) == 1 and "new body" in doc.read_text()
+
+
+def test_throughput_section_estimates_the_full_run(capsys):
+    argv = TINY + ["--sections", "throughput", "--batches", "4,8", "--repeats", "1"]
+    report = bench.main(argv + ["--epochs", "240", "--train-images", "50000"])
+    assert "### End-to-end, batch 4" in report and "### End-to-end, batch 8" in report
+    assert report.count("estimated full run (240 epochs × 50000 training") == 2
+
+
+def test_round_robin_visits_every_case_in_turn_and_keeps_the_repeats():
+    order = []
+
+    def case(name, seconds):
+        return bench.Case(name, lambda: order.append(name) or seconds, images_per_step=10, steps=2)
+
+    results = bench.run_round_robin([case("a", 1.0), case("b", 4.0)], repeats=3, warmup=1)
+    assert order == ["a", "b"] * 4
+    assert results["a"].seconds == [0.5] * 3 and results["b"].seconds == [2.0] * 3
+    assert results["b"].images_per_second == pytest.approx(5.0)
+    assert bench.summarize([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)
+    # past the deadline no new round starts once the minimum is done
+    late = bench.run_round_robin([case("c", 1.0)], repeats=5, warmup=1, deadline=0.0, min_repeats=2)
+    assert len(late["c"].seconds) == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+def test_peak_memory_sees_what_a_call_allocates():
+    # In a child process: the probe changes glibc's allocator settings for the whole process.
+    code = (
+        "import torch\nfrom gompertz_kd.bench import PeakMemory\n"
+        "probe = PeakMemory(torch.device('cpu'))\n"
+        "print(probe(lambda: torch.ones(64 * 2**20 // 4).sum()), probe(lambda: None))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    big, nothing = (float(v) for v in out.stdout.split())
+    assert 60 < big < 100 and nothing < 8
+
+
+def _smooth_and_relu_net(activation):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        activation(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        activation(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    ).train()
+
+
+def _gm_gradients(net, step):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 3, 16, 16, generator=g)
+    y = torch.randint(0, 5, (6,), generator=g)
+    teacher_grad = torch.randn(6, 3, 16, 16, generator=g)
+    params = list(net.parameters())
+    xi = x.clone().requires_grad_(True)
+    student_grad = losses.true_class_input_gradient(net(xi), xi, y, create_graph=True)
+    exact = torch.autograd.grad(losses.gradient_matching_loss(student_grad, teacher_grad), params)
+    xi = x.clone().requires_grad_(True)
+    estimate = torch.autograd.grad(
+        bench.finite_difference_gm(net, xi, net(xi), y, teacher_grad, step), params
+    )
+    flat = [torch.cat([t.flatten() for t in ts]) for ts in (exact, estimate)]
+    return ((flat[1] - flat[0]).norm() / flat[0].norm()).item()
+
+
+def test_finite_difference_measurement_converges_on_a_smooth_network_only():
+    """The bench's evidence against a finite-difference estimator is only as good as the
+    estimator: on a smooth network it must agree with the double backward."""
+    assert _gm_gradients(_smooth_and_relu_net(nn.Tanh), 1e-2) < 5e-3
+    assert _gm_gradients(_smooth_and_relu_net(nn.ReLU), 1e-2) > 0.3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bench_steps_run_on_cuda_in_bf16():
+    argv = TINY + ["--device", "cuda", "--precision", "bf16-mixed", "--repeats", "1"]
+    report = bench.main(argv + ["--warmup", "0", "--sections", "steps"])
+    assert "bf16-mixed, cuda" in report and "| Gompertz KD step, Lightning |" in report
