@@ -974,7 +974,7 @@ def machine_lines(device: torch.device) -> list[str]:
     cpu = _lscpu_model() or platform.processor() or platform.machine()
     lines = [
         f"- machine: {cpu}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads"
-        f"{_cpu_bf16_flags()}",
+        f"{_cpu_bf16_flags()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
         f"- torch {torch.__version__}, lightning {L.__version__}, Python {platform.python_version()}",
     ]
     if device.type == "cuda":
