@@ -116,3 +116,20 @@ def test_gpu_requested_where_there_is_none_exits_nonzero_with_the_fix(tiny_c10, 
         "trainer.accelerator=gpu but no CUDA GPU is visible here; use trainer=cpu" in gpu.stderr
     ), gpu.stderr[-1500:]
     assert not list(tmp_path.glob("logs/**/results.json"))
+
+
+@pytest.mark.parametrize("role", ["student", "teacher"])
+def test_built_network_with_another_class_count_is_refused(role):
+    from gompertz_kd.module import DistillationModule
+
+    networks = {"student": "resnet8", "teacher": "resnet8", role: create_model("resnet8", 100)}
+    with pytest.raises(ValueError, match=rf"the {role} CifarResNet predicts 100 classes but the data set has 10"):
+        DistillationModule(**networks, num_classes=10)
+
+
+def test_built_network_with_the_data_sets_class_count_is_accepted():
+    from gompertz_kd.module import DistillationModule
+
+    student, teacher = create_model("resnet8", 10), create_model("resnet14", 10)
+    module = DistillationModule(student=student, teacher=teacher, num_classes=10)
+    assert module.student is student

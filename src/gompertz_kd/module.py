@@ -587,8 +587,26 @@ def _build(model: str | nn.Module, num_classes: int, role: str) -> nn.Module:
             raise TypeError(
                 f"the {role} must expose forward_stages(x); build it with gompertz_kd.models.create_model"
             )
+        classes = _class_count(model)
+        if classes is not None and classes != num_classes:
+            raise ValueError(
+                f"the {role} {type(model).__name__} predicts {classes} classes but the data set has "
+                f"{num_classes}: build it with create_model(name, num_classes={num_classes}) or "
+                f"pass num_classes={classes} if that is the data set's class count"
+            )
         return model
     return create_model(model, num_classes=num_classes)
+
+
+def _class_count(model: nn.Module) -> int | None:
+    """How many classes ``model`` predicts: its ``num_classes``, else the width of its
+    classifier; ``None`` when neither says."""
+    classes = getattr(model, "num_classes", None)
+    if isinstance(classes, int):
+        return classes
+    get_classifier = getattr(model, "get_classifier", None)
+    head = get_classifier() if callable(get_classifier) else None
+    return head.out_features if isinstance(head, nn.Linear) else None
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module | None:
