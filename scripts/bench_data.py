@@ -63,7 +63,7 @@ def main() -> None:
         def datamodule(on_device: bool, num_workers: int = 0) -> CIFARDataModule:
             dm = CIFARDataModule(
                 "cifar10", root=root, source="folder", batch_size=args.batch_size,
-                num_workers=num_workers, on_device=on_device,
+                num_workers=num_workers, on_device=on_device, cache_dir=Path(scratch) / "cache",
             )  # fmt: skip
             dm.setup("fit")
             return dm

@@ -49,6 +49,7 @@ def tiny(root, out, cache, *extra):
         "data.num_workers=0",
         f"paths.output_dir={out}",
         f"paths.teacher_cache={cache}",
+        f"paths.data_cache={Path(cache).parent / 'data_cache'}",
         "print_config=false",
         "callbacks.rich_progress_bar=null",
         *extra,
@@ -93,10 +94,13 @@ def test_every_experiment_composes_and_runs_fast_dev_run(
 ):
     cfg = compose_cfg([f"experiment={experiment}"])
     root = tiny_data[cfg.data.dataset]
+    # a held-out split, as in the c10cpu_* study, shrunk to fit the 20 tiny training images
+    held_out = ["data.val_split=10"] if cfg.data.val_split else []
     cfg = compose_cfg(
         [
             f"experiment={experiment}",
             *tiny(root, tmp_path / "run", shared_teacher_cache, "++trainer.fast_dev_run=true"),
+            *held_out,
         ]
     )
     results = train(cfg)
@@ -104,6 +108,56 @@ def test_every_experiment_composes_and_runs_fast_dev_run(
     assert written["status"] == "completed" and written["student"] == cfg.model.student
     assert 0.0 <= results["test"]["top1"] <= 1.0
     assert written["config"]["model"]["student"] == cfg.model.student
+
+
+def test_cpu_study_experiments_share_one_recipe_and_differ_only_in_the_objective():
+    study = [e for e in EXPERIMENTS if e.startswith("c10cpu_")]
+    assert len(study) == 8
+    cfgs = {e: compose_cfg([f"experiment={e}"]) for e in study}
+    recipe = {
+        e: (c.data, c.trainer.max_epochs, c.model.student, c.model.lr, c.model.lr_milestones)
+        for e, c in cfgs.items()
+    }
+    assert all(r == recipe["c10cpu_gkd"] for r in recipe.values())
+    teachers = {e: c.teacher for e, c in cfgs.items() if c.model.teacher}
+    assert len(teachers) == 7 and all(t == teachers["c10cpu_kd"] for t in teachers.values())
+    assert cfgs["c10cpu_kd"].data.source == "folder" and cfgs["c10cpu_kd"].data.val_split > 0
+    terms = {e: (c.model.kd_scale, c.model.wd_scale, c.model.gm_scale) for e, c in cfgs.items()}
+    assert terms["c10cpu_student"] == (0, 0, 0) and terms["c10cpu_gkd_wd_gm"] == (1, 1, 1)
+    assert {
+        e: c.schedule._target_.rsplit(".", 1)[1] for e, c in cfgs.items() if c.model.teacher
+    } == {
+        "c10cpu_kd": "Constant",
+        "c10cpu_gkd": "Gompertz",
+        "c10cpu_gkd_wd": "Gompertz",
+        "c10cpu_gkd_gm": "Gompertz",
+        "c10cpu_gkd_wd_gm": "Gompertz",
+        "c10cpu_kd_linear": "LinearWarmup",
+        "c10cpu_kd_cosine": "CosineDecay",
+    }
+
+
+def test_a_run_writes_only_below_its_run_dir_teacher_cache_and_data_cache(tmp_path, monkeypatch):
+    data = make_cifar_folder(tmp_path / "data", "cifar10", train_per_class=2, test_per_class=1)
+    before = {p: p.stat().st_mtime_ns for p in data.rglob("*")}
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cfg = compose_cfg(
+        [
+            "data=cifar10",
+            "model=resnet20_resnet8",
+            "distill=kd",
+            "teacher.recipe.max_epochs=1",
+            "trainer.max_epochs=1",
+            *tiny(data, tmp_path / "run", tmp_path / "teachers"),
+            f"paths.data_cache={tmp_path / 'data_cache'}",
+            f"paths.log_dir={tmp_path / 'logs'}",
+        ]
+    )
+    train(cfg)
+    assert {p: p.stat().st_mtime_ns for p in data.rglob("*")} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "data_cache", "run", "teachers"]
+    assert list((tmp_path / "data_cache").glob("*/cifar10-train-*.npz"))
 
 
 def test_paper_experiment_is_the_full_objective_on_the_benchmark_recipe():

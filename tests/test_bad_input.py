@@ -38,6 +38,7 @@ def cfg_for(root, out, *extra):
                 "trainer.max_epochs=1",
                 f"paths.output_dir={out}",
                 f"paths.teacher_cache={out / 'teachers'}",
+                f"paths.data_cache={out / 'data_cache'}",
                 "print_config=false",
                 "callbacks.rich_progress_bar=null",
                 *extra,
@@ -123,7 +124,9 @@ def test_built_network_with_another_class_count_is_refused(role):
     from gompertz_kd.module import DistillationModule
 
     networks = {"student": "resnet8", "teacher": "resnet8", role: create_model("resnet8", 100)}
-    with pytest.raises(ValueError, match=rf"the {role} CifarResNet predicts 100 classes but the data set has 10"):
+    with pytest.raises(
+        ValueError, match=rf"the {role} CifarResNet predicts 100 classes but the data set has 10"
+    ):
         DistillationModule(**networks, num_classes=10)
 
 

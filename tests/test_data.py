@@ -220,54 +220,80 @@ def test_folder_source_reads_jpeg_and_ignores_other_files(tmp_path):
     assert (jpeg - _class_image(3, 1).int()).abs().float().mean() < 3  # lossy, but that image
 
 
-def test_folder_cache_is_reused(tmp_path, monkeypatch):
-    root = _image_folder(tmp_path)
-    first = sources.load_folder("cifar10", root, "train")
-    cached = list((root / ".gompertz_kd_cache").glob("cifar10-train-*.npz"))
+def _cached(cache, split="train"):
+    return sorted(cache.glob(f"*/cifar10-{split}-*.npz"))
+
+
+def test_folder_cache_is_reused_and_nothing_is_written_beside_the_data(tmp_path, monkeypatch):
+    root = _image_folder(tmp_path / "data")
+    before = sorted(p for p in root.rglob("*"))
+    cache = tmp_path / "cache"
+    first = sources.load_folder("cifar10", root, "train", cache)
+    cached = _cached(cache)
     assert len(cached) == 1 and not list(cached[0].parent.glob("*.tmp"))
+    assert cached[0].parent == sources.folder_cache_dir(root, cache)
+    assert sorted(p for p in root.rglob("*")) == before
 
     def no_decoding(files):
         raise AssertionError("decoded again although the cache is valid")
 
     monkeypatch.setattr(sources, "_decode", no_decoding)
-    second = sources.load_folder("cifar10", root, "train")
+    second = sources.load_folder("cifar10", root, "train", cache)
     assert torch.equal(second.images, first.images) and torch.equal(second.labels, first.labels)
 
 
+def test_folder_without_cache_dir_writes_nothing(tmp_path, monkeypatch):
+    root = _image_folder(tmp_path / "data")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    arrays = sources.load_folder("cifar10", root, "test")
+    assert len(arrays) == 20
+    assert sorted(p.relative_to(tmp_path).parts[0] for p in tmp_path.iterdir()) == ["data"]
+    assert not [p for p in root.rglob("*") if "cache" in p.name]
+
+
 def test_folder_cache_rebuilds_when_files_change(tmp_path):
-    root = _image_folder(tmp_path)
-    sources.load_folder("cifar10", root, "train")
-    old_cache = next((root / ".gompertz_kd_cache").glob("cifar10-train-*.npz"))
+    root, cache = _image_folder(tmp_path / "data"), tmp_path / "cache"
+    sources.load_folder("cifar10", root, "train", cache)
+    (old_cache,) = _cached(cache)
 
     changed = root / "train" / "dog" / "0001.png"
     _save(torch.zeros(3, 32, 32, dtype=torch.uint8), changed)
     os.utime(changed, ns=(1, 1))  # a new mtime even on coarse-clock file systems
     _save(_class_image(9, 7), root / "train" / "truck" / "0003.png")
-    arrays = sources.load_folder("cifar10", root, "train")
+    arrays = sources.load_folder("cifar10", root, "train", cache)
 
     assert len(arrays) == 31 and int(arrays.labels[-1]) == 9
     assert torch.equal(arrays.images[16], torch.zeros(3, 32, 32, dtype=torch.uint8))
     assert not old_cache.exists()  # the stale cache of this split is removed
-    assert len(list((root / ".gompertz_kd_cache").glob("cifar10-train-*.npz"))) == 1
+    assert len(_cached(cache)) == 1
 
 
-def test_folder_cache_falls_back_to_user_cache_dir(tmp_path, monkeypatch):
+def test_folder_copies_in_different_places_keep_separate_caches(tmp_path):
+    cache = tmp_path / "cache"
+    a = _image_folder(tmp_path / "a" / "cifar10")
+    b = _image_folder(tmp_path / "b" / "cifar10", train=2)
+    sources.load_folder("cifar10", a, "train", cache)
+    sources.load_folder("cifar10", b, "train", cache)
+    assert len(_cached(cache)) == 2
+    assert len(sources.load_folder("cifar10", a, "train", cache)) == 30
+
+
+def test_folder_unwritable_cache_warns_and_still_loads(tmp_path):
     root = _image_folder(tmp_path / "data")
-    (root / ".gompertz_kd_cache").write_text("")  # a file in the way: the cache dir is unwritable
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
-    first = sources.load_folder("cifar10", root, "test")
-    assert len(list((tmp_path / "user-cache" / "gompertz_kd").glob("*/cifar10-test-*.npz"))) == 1
-
-    monkeypatch.setattr(sources, "_decode", lambda files: pytest.fail("cache not used"))
-    assert torch.equal(sources.load_folder("cifar10", root, "test").images, first.images)
+    blocker = tmp_path / "cache"
+    blocker.write_text("")  # a file in the way: the cache folder cannot be made
+    with pytest.warns(UserWarning, match="data.cache_dir"):
+        arrays = sources.load_folder("cifar10", root, "test", blocker)
+    assert len(arrays) == 20
 
 
 def test_folder_corrupt_cache_is_rebuilt(tmp_path):
-    root = _image_folder(tmp_path)
-    first = sources.load_folder("cifar10", root, "test")
-    cache = next((root / ".gompertz_kd_cache").glob("*.npz"))
-    cache.write_bytes(b"truncated")
-    assert torch.equal(sources.load_folder("cifar10", root, "test").images, first.images)
+    root, cache = _image_folder(tmp_path / "data"), tmp_path / "cache"
+    first = sources.load_folder("cifar10", root, "test", cache)
+    (cached,) = _cached(cache, "test")
+    cached.write_bytes(b"truncated")
+    assert torch.equal(sources.load_folder("cifar10", root, "test", cache).images, first.images)
 
 
 def test_folder_class_names_must_match_dataset(tmp_path):

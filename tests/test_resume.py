@@ -6,6 +6,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,6 +53,7 @@ def overrides(root, out, cache):
         "trainer.log_every_n_steps=1",
         f"paths.output_dir={out}",
         f"paths.teacher_cache={cache}",
+        f"paths.data_cache={Path(cache).parent / 'data_cache'}",
         "print_config=false",
         "callbacks.rich_progress_bar=null",
     ]

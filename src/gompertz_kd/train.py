@@ -64,11 +64,13 @@ def run_training(cfg: DictConfig) -> TrainingRun:
 
     # Bad values fail here, before data or models are touched.
     check_config(cfg)
+    data_cache = cfg.data.get("cache_dir") if cfg.data.get("source") == "folder" else None
     log.info(
-        "Run directory %s; teacher cache %s; data %s",
+        "Run directory %s; teacher cache %s; data %s; decoded-data cache %s",
         output_dir.resolve(),
         Path(cfg.teacher.cache_dir).expanduser().resolve() if "teacher" in cfg else None,
         Path(str(cfg.data.root)).expanduser().resolve(),
+        Path(str(data_cache)).expanduser().resolve() if data_cache else None,
     )
     L.seed_everything(cfg.seed, workers=True)
 

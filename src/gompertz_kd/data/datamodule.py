@@ -21,6 +21,7 @@ from gompertz_kd.data.sources import (
     CLASSES,
     DATASETS,
     ImageArrays,
+    check_folder,
     load_folder,
     load_torchvision,
     prepare_torchvision,
@@ -49,9 +50,8 @@ class CIFARDataModule(L.LightningDataModule):
         root: where the data is. ``source="torchvision"``: the folder holding (or receiving) the
             official archive. ``source="folder"``: the folder holding ``train/`` and ``test/``.
         source: ``"torchvision"`` (the official archive, downloaded by ``prepare_data`` when
-            ``download``) or ``"folder"`` (``root/{train,test}/<class>/*.png|jpg``, decoded once
-            and cached in ``root/.gompertz_kd_cache/``, or in the user cache directory when
-            ``root`` is read-only; see :mod:`gompertz_kd.data.sources`).
+            ``download``) or ``"folder"`` (``root/{train,test}/<class>/*.png|jpg``; see
+            :mod:`gompertz_kd.data.sources`).
         batch_size: training images per batch and rank.
         eval_batch_size: validation / test images per batch and rank; ``None`` = twice
             ``batch_size`` (evaluation keeps no activations for a backward pass, so it fits).
@@ -75,6 +75,9 @@ class CIFARDataModule(L.LightningDataModule):
             number) and the augmentation draws: the same seed gives the same batches.
         pin_memory: pin the per-image path's batches; ``None`` = when training on CUDA.
         download: let ``prepare_data`` download the official archive if it is missing.
+        cache_dir: ``source="folder"``: where the decoded images are cached (one ``.npz`` per
+            split, rebuilt when a file changes); ``None`` decodes the folder on every load.
+            Nothing is written beside the data.
 
     Under DDP each rank takes a disjoint shard of every epoch: the DataModule passes a
     ``DistributedSampler`` itself (so Lightning injects none), which shuffles with ``seed + epoch``
@@ -105,6 +108,7 @@ class CIFARDataModule(L.LightningDataModule):
         seed: int = 0,
         pin_memory: bool | None = None,
         download: bool = True,
+        cache_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         _check_choice("dataset", dataset, DATASETS)
@@ -120,8 +124,11 @@ class CIFARDataModule(L.LightningDataModule):
                 f"on_device=True needs a batched augmentation, one of {BATCHED_AUGMENTS}; "
                 f"augment={augment!r} runs per image only: set on_device=False or None"
             )
-        self.save_hyperparameters(ignore=["root"])
-        self.hparams["root"] = str(root)  # a plain string in checkpoints, not a Path object
+        self.save_hyperparameters(ignore=["root", "cache_dir"])
+        # plain strings in checkpoints, not Path objects
+        self.hparams["root"] = str(root)
+        self.hparams["cache_dir"] = None if cache_dir is None else str(cache_dir)
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.dataset = dataset
         self.root = Path(root)
         self.source = source
@@ -167,9 +174,11 @@ class CIFARDataModule(L.LightningDataModule):
         node, before :meth:`setup` on every rank)."""
         if self.source == "torchvision":
             prepare_torchvision(self.dataset, self.root, self.download)
-        else:
+        elif self.cache_dir is not None:
             for split in ("train", "test"):
-                load_folder(self.dataset, self.root, split)
+                load_folder(self.dataset, self.root, split, self.cache_dir)
+        else:
+            check_folder(self.dataset, self.root)
 
     def setup(self, stage: str | None = None) -> None:
         """Load the splits ``stage`` needs into memory (all of them for ``None``)."""
@@ -212,7 +221,7 @@ class CIFARDataModule(L.LightningDataModule):
             if self.source == "torchvision":
                 arrays = load_torchvision(self.dataset, self.root, train=split == "train")
             else:
-                arrays = load_folder(self.dataset, self.root, split)
+                arrays = load_folder(self.dataset, self.root, split, self.cache_dir)
             self._loaded[split] = arrays
         return self._loaded[split]
 

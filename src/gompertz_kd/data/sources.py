@@ -7,11 +7,11 @@ Both sources end in the same :class:`ImageArrays`: uint8 images ``(N, 3, 32, 32)
   ``cifar-100-python.tar.gz``), downloaded and md5-checked by torchvision, read from
   ``root/cifar-10-batches-py/`` or ``root/cifar-100-python/``.
 * ``folder``: ``root/train/<class>/*.png|jpg|jpeg`` and ``root/test/<class>/*``, class folders named
-  exactly as CIFAR's labels. The decoded split is cached as one ``.npz`` beside the data, in
-  ``root/.gompertz_kd_cache/``, keyed on the file list with sizes and modification times, so later
-  runs load in well under a second and any added, removed or rewritten file rebuilds it. If ``root``
-  is read-only the cache goes to ``$XDG_CACHE_HOME/gompertz_kd/<hash of root>/`` (default
-  ``~/.cache/...``) instead.
+  exactly as CIFAR's labels. Given a ``cache_dir``, the decoded split is cached there as one
+  ``.npz`` (in ``cache_dir/<root folder name>-<hash of root>/``), keyed on the file list with sizes
+  and modification times, so later runs load in well under a second and any added, removed or
+  rewritten file rebuilds it. Nothing is ever written beside the data: data folders are often
+  shared or read-only. Without a ``cache_dir`` the folder is decoded on every load (seconds).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ __all__ = [
     "DATASETS",
     "IMAGE_SUFFIXES",
     "ImageArrays",
-    "folder_cache_dirs",
+    "check_folder",
+    "folder_cache_dir",
     "load_folder",
     "load_torchvision",
     "prepare_torchvision",
@@ -71,7 +72,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_SHAPE = (3, 32, 32)
 
 _TORCHVISION = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}
-_CACHE_DIRNAME = ".gompertz_kd_cache"
 # Part of the cache key: bump it when the cached arrays change meaning.
 _CACHE_FORMAT = 1
 
@@ -196,8 +196,14 @@ def _torchvision_missing_message(dataset: str, root: Path, reason: str) -> str:
 # folder: root/{train,test}/<class>/*.png|jpg with a decoded uint8 cache
 
 
-def load_folder(dataset: str, root: str | os.PathLike, split: str) -> ImageArrays:
-    """Read ``root/<split>/<class>/*`` (``split`` is ``"train"`` or ``"test"``), through the cache.
+def load_folder(
+    dataset: str,
+    root: str | os.PathLike,
+    split: str,
+    cache_dir: str | os.PathLike | None = None,
+) -> ImageArrays:
+    """Read ``root/<split>/<class>/*`` (``split`` is ``"train"`` or ``"test"``), through the cache
+    in ``cache_dir`` when one is given (see :func:`folder_cache_dir`).
 
     Files in each class folder are taken in name order; hidden files and files with other
     suffixes are ignored. Every image must decode to 32x32 (grey images are converted to RGB).
@@ -209,24 +215,33 @@ def load_folder(dataset: str, root: str | os.PathLike, split: str) -> ImageArray
     """
     root = Path(root)
     files = _list_folder(dataset, root, split)
+    if cache_dir is None:
+        return _decode(files)
     key = _cache_key(dataset, split, files)
     name = f"{dataset}-{split}-{key[:20]}.npz"
-    for cache_dir in folder_cache_dirs(root):
-        cached = _read_cache(cache_dir / name)
-        if cached is not None:
-            return cached
+    directory = folder_cache_dir(root, cache_dir)
+    cached = _read_cache(directory / name)
+    if cached is not None:
+        return cached
     arrays = _decode(files)
-    _write_cache(root, name, f"{dataset}-{split}-", arrays)
+    _write_cache(directory, name, f"{dataset}-{split}-", arrays)
     return arrays
 
 
-def folder_cache_dirs(root: str | os.PathLike) -> list[Path]:
-    """Where the folder source keeps its cache, in the order tried: beside the data, then the user
-    cache directory (used when ``root`` is read-only)."""
+def check_folder(dataset: str, root: str | os.PathLike) -> None:
+    """Raise the errors of :func:`load_folder` for a missing or misnamed ``root/{train,test}``
+    without decoding any image."""
+    for split in ("train", "test"):
+        _list_folder(dataset, Path(root), split)
+
+
+def folder_cache_dir(root: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
+    """The folder under ``cache_dir`` that holds the decoded copy of the data in ``root``:
+    ``<root folder name>-<hash of the resolved root>``, so that copies in different places never
+    share (or delete) each other's cache."""
     root = Path(root).resolve()
-    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    root_hash = hashlib.sha256(str(root).encode()).hexdigest()[:16]
-    return [root / _CACHE_DIRNAME, user_cache / "gompertz_kd" / root_hash]
+    root_hash = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{root.name or 'root'}-{root_hash}"
 
 
 @dataclass(frozen=True)
@@ -324,28 +339,27 @@ def _read_cache(path: Path) -> ImageArrays | None:
         return None  # unreadable cache: rebuilt by the caller
 
 
-def _write_cache(root: Path, name: str, stale_prefix: str, arrays: ImageArrays) -> None:
-    """Write atomically (temporary file, then rename) into the first writable cache directory and
-    delete the caches of earlier versions of the same split there."""
-    for cache_dir in folder_cache_dirs(root):
-        tmp = None
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, images=arrays.images.numpy(), labels=arrays.labels.numpy())
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; others may share this data folder
-            os.replace(tmp, cache_dir / name)
-        except OSError:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
-            continue
-        for old in cache_dir.glob(f"{stale_prefix}*.npz"):
-            if old.name != name:
-                old.unlink(missing_ok=True)
+def _write_cache(cache_dir: Path, name: str, stale_prefix: str, arrays: ImageArrays) -> None:
+    """Write atomically (temporary file, then rename) and delete the caches of earlier versions of
+    the same split there. A cache that cannot be written is a warning, not an error."""
+    tmp = None
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, images=arrays.images.numpy(), labels=arrays.labels.numpy())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; others may share this cache
+        os.replace(tmp, cache_dir / name)
+    except OSError as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        warnings.warn(
+            f"could not write the decoded-image cache to {cache_dir} ({error}); the folder will "
+            "be decoded again next time. Point data.cache_dir at a writable folder, or set it "
+            "to null to skip caching",
+            stacklevel=3,
+        )
         return
-    warnings.warn(
-        f"could not write the decoded-image cache to any of {folder_cache_dirs(root)}; the "
-        "folder will be decoded again next time",
-        stacklevel=3,
-    )
+    for old in cache_dir.glob(f"{stale_prefix}*.npz"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
