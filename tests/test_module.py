@@ -398,7 +398,7 @@ def test_bf16_teacher_gives_fp32_outputs_close_to_the_fp32_teacher():
 
 
 def test_fp32_precisions_hold_under_an_outer_bf16_autocast():
-    module = small_module(gm_scale=1.0, teacher_precision="32", gm_precision="32")
+    module = small_module(gm_scale=1.0, teacher_precision="32")  # gm_precision="32" by default
     module.train()
     images, targets = batch(n=8)
     _, reference, _ = module.compute_losses(images, targets)

@@ -675,7 +675,9 @@ def accuracy_section(setup: Setup, fd_steps: Sequence[float]) -> list[tuple[str,
     """What each approximate option changes, on one batch (``(quantity, value)`` rows)."""
     rows: list[tuple[str, str]] = []
     images, targets = setup.fixed_batch()
-    exact = setup.module(wd_scale=1.0, gm_scale=1.0, gm_every=1, teacher_precision="32")
+    exact = setup.module(
+        wd_scale=1.0, gm_scale=1.0, gm_every=1, teacher_precision="32", gm_precision=None
+    )
     unfolded = setup.module(fold_teacher_bn=False, teacher_precision="32")
     student_logits = exact.student(images).detach()
 
@@ -885,7 +887,7 @@ def throughput_modules(setup: Setup, compile_too: bool) -> dict[str, Distillatio
         "eager": setup.module(**FULL_OBJECTIVE),
     }
     if setup.precision == "bf16-mixed":
-        modules["gm_fp32"] = setup.module(**FULL_OBJECTIVE, gm_precision="32")
+        modules["gm_bf16"] = setup.module(**FULL_OBJECTIVE, gm_precision=None)
     if compile_too:
         modules["compiled"] = setup.module(**FULL_OBJECTIVE)
         with _quiet_compile_warning():
@@ -919,12 +921,12 @@ def throughput_section(
         Case("student evaluation forward", timed(student_eval, setup.device), setup.batch),
         lightning_case(setup, "c100_resnet50_mbv2 step, Lightning", modules["eager"], 3, scratch),
     ]
-    if "gm_fp32" in modules:
+    if "gm_bf16" in modules:
         cases.append(
             lightning_case(
                 setup,
-                "c100_resnet50_mbv2 step, Lightning, gm_precision=32",
-                modules["gm_fp32"],
+                "c100_resnet50_mbv2 step, Lightning, gm_precision=null (bf16)",
+                modules["gm_bf16"],
                 3,
                 scratch,
             )

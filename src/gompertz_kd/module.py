@@ -107,10 +107,11 @@ class DistillationModule(L.LightningModule):
             only (``global_step % gm_every == 0``), with its weight multiplied by ``gm_every`` so
             its average contribution is unchanged (lazy regularisation). The other steps skip
             the teacher's backward and the student's double backward.
-        gm_precision: ``None`` runs gradient matching in the trainer's precision; ``"32"`` runs
-            the student's forward and the teacher's input-gradient pass in fp32 on the steps
-            where the term is due, even under ``bf16-mixed`` (the student's second-order
-            gradient in bf16 is far from the fp32 one: see ``docs/benchmarks.md``).
+        gm_precision: ``"32"`` (default) runs the student's forward and the teacher's
+            input-gradient pass in fp32 on the steps where the term is due, even under
+            ``bf16-mixed``: the student's second-order gradient in bf16 is far from the fp32 one
+            (cosine 0.23 in ``docs/benchmarks.md``). On fp32 runs it changes nothing. ``None``
+            runs gradient matching in the trainer's precision.
         nonfinite: what a NaN or infinite loss does: ``"stop"`` raises
             :class:`NonFiniteLossError` naming the term, the step and the last checkpoint;
             ``"skip"`` skips the batch (no update) and counts it in ``train/skipped_batches``.
@@ -154,7 +155,7 @@ class DistillationModule(L.LightningModule):
         teacher_precision: str | int | None = None,
         fold_teacher_bn: bool = True,
         gm_every: int = 1,
-        gm_precision: str | int | None = None,
+        gm_precision: str | int | None = "32",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
