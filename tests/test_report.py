@@ -418,3 +418,59 @@ def test_run_without_checkpoint_or_csv_logger_shows_dashes(tmp_path, caplog):
     row = markdown_table(summarize(runs)).splitlines()[2]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells == ["`bare`", "1", "50.00 ± —", "—", "—", "—", "—", "—"]
+
+
+# ------------------------------------------------------------------------------ baseline, --into
+def test_baseline_column_is_the_seed_by_seed_difference(sweep):
+    table = markdown_table(summarize(load_runs([sweep])), baseline=CONFIG_B)
+    lines = table.splitlines()
+    assert f"Δ top-1 % last epoch vs `{CONFIG_B}`" in lines[0]
+
+    def cells(config):
+        line = next(line for line in lines if line.startswith(f"| `{config}`"))
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    assert cells(CONFIG_C)[3] == "-20.00 ± — (n=1)"  # 0.50 - 0.70 on seed 0
+    assert cells(CONFIG_A)[3] == "—"  # seeds 1, 2: none in common with the baseline's 0
+    assert cells(CONFIG_B)[3] == "—"
+    assert "seed by seed" in table
+
+
+def test_paired_difference_pairs_by_seed():
+    from gompertz_kd.report import Stat, SummaryRow, paired_difference
+
+    def row(values):
+        nan = Stat(math.nan, None, 0)
+        return SummaryRow("x", tuple(values), nan, nan, nan, (), nan, nan, tuple(values.items()))
+
+    diff = paired_difference(row({0: 0.70, 1: 0.74, 2: 0.69}), row({2: 0.66, 0: 0.68, 1: 0.70}))
+    assert diff.n == 3 and diff.mean == pytest.approx(0.03)
+    assert diff.std == pytest.approx(np.std([0.02, 0.04, 0.03], ddof=1))
+
+
+def test_unknown_baseline_is_a_usage_error_naming_the_configurations(sweep, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([str(sweep), "--out", str(tmp_path / "r"), "--baseline", "nope"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--baseline" in err and "'nope'" in err and CONFIG_B in err
+    assert not (tmp_path / "r" / "report.md").exists()
+
+
+def test_into_replaces_only_the_marked_block_with_relative_plot_links(sweep, tmp_path, capsys):
+    from gompertz_kd.report import MARK_END, MARK_START
+
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    doc.write_text(f"# Study\n\nintro\n\n{MARK_START}\nOLD TABLE\n{MARK_END}\n\nconclusion\n")
+    assert main([str(sweep), "--into", str(doc), "--baseline", CONFIG_B]) == 0
+    text = doc.read_text()
+    assert text.startswith("# Study\n\nintro\n\n") and text.endswith("\n\nconclusion\n")
+    assert "OLD TABLE" not in text and text.count(MARK_START) == 1
+    assert "62.00 ± 2.83" in text and "-20.00 ± — (n=1)" in text
+    for png in PNGS:  # plots default to docs/results/, linked relative to docs/results.md
+        assert is_png(tmp_path / "docs" / "results" / png)
+        assert f"](results/{png})" in text
+    # a second run rewrites the block in place
+    assert main([str(sweep), "--into", str(doc)]) == 0
+    assert doc.read_text().count(MARK_START) == 1 and "(n=1)" not in doc.read_text()
