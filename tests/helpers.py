@@ -32,31 +32,10 @@ def cpu_trainer(**kwargs) -> L.Trainer:
 def make_cifar_folder(
     root, dataset: str = "cifar10", train_per_class: int = 4, test_per_class: int = 2, seed: int = 0
 ):
-    """Write a tiny CIFAR copy in image-folder layout (root/{train,test}/<class>/NNNN.png).
+    """A tiny generated CIFAR copy in image-folder layout (root/{train,test}/<class>/NNNN.png)."""
+    from gompertz_kd.data import make_synthetic_folder
 
-    Each class gets its own mean colour, so a network can learn the task in a few steps."""
-    from pathlib import Path
-
-    import numpy as np
-    from PIL import Image
-
-    from gompertz_kd.data import CLASSES
-
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", train_per_class), ("test", test_per_class)):
-        for k, name in enumerate(CLASSES[dataset]):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            base = np.array(
-                [(k * 25) % 256, (k * 70) % 256, (255 - k * 25) % 256], dtype=np.float64
-            )
-            for i in range(count):
-                pixels = np.clip(base + rng.normal(0, 30, size=(32, 32, 3)), 0, 255).astype(
-                    np.uint8
-                )
-                Image.fromarray(pixels).save(folder / f"{i:04d}.png")
-    return root
+    return make_synthetic_folder(root, dataset, train_per_class, test_per_class, seed)
 
 
 class DumpStudentWeights(L.Callback):

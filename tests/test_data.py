@@ -684,3 +684,17 @@ def test_a_one_image_last_training_batch_is_dropped(tmp_path, on_device):
         sizes[batch_size] = [len(labels) for _, labels in dm.train_dataloader()]
     assert sizes[3] == [3, 3, 3]
     assert sizes[4] == [4, 4, 2]
+
+
+def test_synthetic_folder_is_readable_by_the_folder_source_and_reproducible(tmp_path):
+    from gompertz_kd.data import make_synthetic_folder
+
+    a = make_synthetic_folder(tmp_path / "a", "cifar100", train_per_class=2, test_per_class=1)
+    b = make_synthetic_folder(tmp_path / "b", "cifar100", train_per_class=2, test_per_class=1)
+    train = sources.load_folder("cifar100", a, "train")
+    assert len(train) == 200 and torch.bincount(train.labels).tolist() == [2] * 100
+    assert torch.equal(train.images, sources.load_folder("cifar100", b, "train").images)
+    other = make_synthetic_folder(tmp_path / "c", "cifar100", 2, 1, seed=1)
+    assert not torch.equal(train.images, sources.load_folder("cifar100", other, "train").images)
+    with pytest.raises(ValueError, match="dataset='imagenet'"):
+        make_synthetic_folder(tmp_path / "d", "imagenet")

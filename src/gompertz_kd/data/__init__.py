@@ -9,6 +9,7 @@ float32 ``(N, 3, 32, 32)`` normalised images and int64 ``(N,)`` labels.
 from gompertz_kd.data.datamodule import SOURCES, CIFARDataModule, stratified_holdout
 from gompertz_kd.data.loaders import EpochSampler, ImageDataset, TensorBatchLoader
 from gompertz_kd.data.sources import CLASSES, DATASETS, ImageArrays, load_folder, load_torchvision
+from gompertz_kd.data.synthetic import make_synthetic_folder
 from gompertz_kd.data.transforms import (
     AUGMENTS,
     BATCHED_AUGMENTS,
@@ -39,5 +40,6 @@ __all__ = [
     "image_transform",
     "load_folder",
     "load_torchvision",
+    "make_synthetic_folder",
     "stratified_holdout",
 ]
