@@ -30,6 +30,7 @@ from gompertz_kd.data import (
     CIFARDataModule,
     EpochSampler,
     ImageArrays,
+    ResumableDataLoader,
     batch_transform,
     image_transform,
     sources,
@@ -477,6 +478,40 @@ def test_per_image_workers_are_reproducible():
         return torch.cat([images for images, _ in dm.train_dataloader()])
 
     assert torch.equal(batches(), batches())
+
+
+def test_per_image_batches_do_not_depend_on_the_worker_count():
+    train = _arrays(24)
+
+    def batches(workers: int) -> torch.Tensor:
+        dm = _dm_with(train, on_device=False, batch_size=4, num_workers=workers, seed=5)
+        loader = dm.train_dataloader()
+        return torch.cat([torch.cat([images for images, _ in loader]) for _ in range(2)])
+
+    assert torch.equal(batches(0), batches(2))
+
+
+def test_per_image_loader_resumes_after_the_batches_already_used():
+    train = _arrays(40)
+
+    def loader(consumed: int = 0) -> ResumableDataLoader:
+        dm = _dm_with(train, on_device=False, batch_size=4, seed=3)
+        dm._consumed_train_batches = lambda: consumed
+        return dm.train_dataloader()
+
+    reference = loader()
+    epoch0 = list(reference)
+    epoch1 = [images for images, _ in reference]
+    state = loader(consumed=3).state_dict()
+    assert state == {"epoch": 0, "batches": 3}
+    # a fresh loader, as after a restart, that has run epoch 0 already up to the interruption
+    restarted = loader()
+    restarted.load_state_dict({"epoch": 1, "batches": 3})
+    restarted.sampler.set_epoch(1)  # as Lightning does before the resumed epoch
+    rest = [images for images, _ in restarted]
+    assert len(rest) == len(epoch1) - 3
+    assert all(torch.equal(a, b) for a, b in zip(rest, epoch1[3:], strict=True))
+    assert len(list(restarted)) == len(epoch0)  # the next epoch is whole again
 
 
 def test_fast_path_replays_an_epoch_after_set_epoch():

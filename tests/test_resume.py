@@ -70,6 +70,25 @@ def logged(run_dir, column):
     return {int(r["step"]): float(r[column]) for r in rows}
 
 
+def test_per_image_data_path_resumes_mid_epoch_exactly(tiny_c10, cache, tmp_path):
+    per_image = ["data.on_device=false", "data.augment=standard"]
+    full_dir, run_dir = tmp_path / "full", tmp_path / "interrupted"
+    full = run_training(compose_cfg([*overrides(tiny_c10, full_dir, cache), *per_image]))
+    killer = [
+        "+callbacks.kill._target_=helpers.SendSignalAt",
+        f"+callbacks.kill.step={STEPS_PER_EPOCH + 2}",
+        f"+callbacks.kill.signum={int(signal.SIGTERM)}",
+    ]
+    with pytest.raises(RunInterrupted):
+        run_training(compose_cfg([*overrides(tiny_c10, run_dir, cache), *per_image, *killer]))
+    resumed = run_training(
+        compose_cfg([*overrides(tiny_c10, run_dir, cache), *per_image, "ckpt_path=last"])
+    )
+    want, got = full.module.student.state_dict(), resumed.module.student.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert logged(run_dir, "train/loss") == logged(full_dir, "train/loss")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(
     tiny_c10, cache, uninterrupted, tmp_path, signum

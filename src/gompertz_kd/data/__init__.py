@@ -7,7 +7,12 @@ float32 ``(N, 3, 32, 32)`` normalised images and int64 ``(N,)`` labels.
 """
 
 from gompertz_kd.data.datamodule import SOURCES, CIFARDataModule, stratified_holdout
-from gompertz_kd.data.loaders import EpochSampler, ImageDataset, TensorBatchLoader
+from gompertz_kd.data.loaders import (
+    EpochSampler,
+    ImageDataset,
+    ResumableDataLoader,
+    TensorBatchLoader,
+)
 from gompertz_kd.data.sources import CLASSES, DATASETS, ImageArrays, load_folder, load_torchvision
 from gompertz_kd.data.synthetic import make_synthetic_folder
 from gompertz_kd.data.transforms import (
@@ -35,6 +40,7 @@ __all__ = [
     "EpochSampler",
     "ImageArrays",
     "ImageDataset",
+    "ResumableDataLoader",
     "TensorBatchLoader",
     "batch_transform",
     "image_transform",

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from gompertz_kd.data.loaders import (
     EpochSampler,
     ImageDataset,
+    ResumableDataLoader,
     TensorBatchLoader,
     collate,
     mix_seed,
@@ -245,7 +246,7 @@ class CIFARDataModule(L.LightningDataModule):
         if train:
             sampler = EpochSampler(
                 arrays, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed,
-                drop_last=True,
+                drop_last=True, tag=not self.uses_tensor_path,
             )  # fmt: skip
         else:
             sampler = UnrepeatedDistributedSampler(
@@ -263,8 +264,7 @@ class CIFARDataModule(L.LightningDataModule):
                 arrays, batch_size, transform, sampler, seed, device, drop_last, consumed
             )
         pin_memory = device.type == "cuda" if self.pin_memory is None else self.pin_memory
-        return DataLoader(
-            ImageDataset(arrays, image_transform(self.dataset, augment), seed),
+        loader_args = dict(
             batch_size=batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
@@ -274,6 +274,12 @@ class CIFARDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(seed),
         )
+        dataset = ImageDataset(arrays, image_transform(self.dataset, augment), seed)
+        if train:
+            return ResumableDataLoader(
+                dataset, consumed_batches=self._consumed_train_batches, **loader_args
+            )
+        return DataLoader(dataset, **loader_args)
 
 
 def stratified_holdout(

@@ -1,6 +1,6 @@
 """The two ways batches are made from an in-memory split, and how each rank picks its share.
 
-* :class:`ImageDataset` in a ``torch.utils.data.DataLoader``: the classic path, one image at a time
+* :class:`ImageDataset` in a :class:`ResumableDataLoader`: the classic path, one image at a time
   through a torchvision-v2 pipeline, optionally in worker processes.
 * :class:`TensorBatchLoader`: the fast path. The whole split is one uint8 tensor on the training
   device; each batch is gathered from it by index and augmented in a few batched tensor ops, so it
@@ -17,16 +17,24 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, DistributedSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 from gompertz_kd.data.sources import ImageArrays
 from gompertz_kd.data.transforms import BatchTransform
 
-__all__ = ["EpochSampler", "ImageDataset", "TensorBatchLoader", "collate", "mix_seed"]
+__all__ = [
+    "EpochSampler",
+    "ImageDataset",
+    "ResumableDataLoader",
+    "TensorBatchLoader",
+    "collate",
+    "mix_seed",
+]
 
 
 def mix_seed(*values: int) -> int:
@@ -39,26 +47,52 @@ class EpochSampler(DistributedSampler):
 
     Lightning calls ``set_epoch`` before every epoch, which gives the same numbers; the automatic
     step keeps a plain ``for epoch ...: for batch in loader`` loop from repeating one order.
+
+    With ``tag=True`` it yields ``(epoch, position, index)`` instead of ``index``, so that
+    :class:`ImageDataset` can seed each batch's augmentation from where the batch sits in the
+    epoch. :meth:`resume` makes the pass of a given epoch leave out its first positions; it is
+    applied when that pass starts, which a ``DataLoader`` does lazily, at its first batch.
+    ``pass_epoch`` is the epoch of the pass in progress (or of the next one, before any).
     """
 
-    def __iter__(self) -> Iterator[int]:
+    def __init__(self, *args: Any, tag: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tag = tag
+        self.pass_epoch = self.epoch
+        self._resume: tuple[int, int] | None = None
+
+    def resume(self, epoch: int, positions: int) -> None:
+        """Start the pass of ``epoch`` after its first ``positions`` indices."""
+        self._resume = (epoch, positions)
+
+    def __iter__(self) -> Iterator[Any]:
         indices = list(super().__iter__())
+        epoch = self.pass_epoch = self.epoch
         self.epoch += 1
-        return iter(indices)
+        skip = 0
+        if self._resume is not None and self._resume[0] == epoch:
+            skip = self._resume[1]
+        self._resume = None
+        if self.tag:
+            return iter([(epoch, pos, i) for pos, i in enumerate(indices) if pos >= skip])
+        return iter(indices[skip:])
 
 
 class ImageDataset(Dataset):
     """One split with a per-image transform: ``dataset[i] = (transform(images[i]), labels[i])``.
 
-    The DataLoader fetches a batch at a time through ``__getitems__``. In the main process
-    (``num_workers=0``) those draws use this dataset's own RNG stream, seeded by ``seed`` and
-    swapped in around each batch, so batches are reproducible without touching the global RNG; in
-    a worker they use the worker's RNG, which the DataLoader seeds from its ``generator``.
+    The DataLoader fetches a batch at a time through ``__getitems__``. Keys tagged by
+    :class:`EpochSampler` (``tag=True``), ``(epoch, position, index)``, seed the batch's random
+    draws from ``(seed, epoch, position of its first image)``: a batch is the same whichever
+    process makes it (any ``num_workers``) and whether or not the run was resumed before it. Plain
+    indices draw from this dataset's own RNG stream in the main process (seeded by ``seed``,
+    swapped in around each batch, the global RNG untouched) or from the worker's RNG in a worker.
     """
 
     def __init__(self, arrays: ImageArrays, transform, seed: int = 0) -> None:
         self.arrays = arrays
         self.transform = transform
+        self.seed = seed
         self._rng_state = torch.Generator().manual_seed(seed).get_state()
 
     def __len__(self) -> int:
@@ -68,9 +102,14 @@ class ImageDataset(Dataset):
         image = self.transform(self.arrays.images[index])
         return image.as_subclass(Tensor), self.arrays.labels[index]
 
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
+    def __getitems__(self, keys: Sequence[Any]) -> list[tuple[Tensor, Tensor]]:
+        if keys and isinstance(keys[0], tuple):
+            epoch, position, _ = keys[0]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(mix_seed(self.seed, epoch, position))
+                return [self[index] for _, _, index in keys]
         with self._own_rng():
-            return [self[i] for i in indices]
+            return [self[i] for i in keys]
 
     @contextmanager
     def _own_rng(self):
@@ -84,6 +123,37 @@ class ImageDataset(Dataset):
         finally:
             self._rng_state = torch.get_rng_state()
             torch.set_rng_state(outer)
+
+
+class ResumableDataLoader(DataLoader):
+    """The per-image path's ``DataLoader``, resumable mid-epoch like :class:`TensorBatchLoader`.
+
+    It needs an :class:`EpochSampler` with ``tag=True`` over an :class:`ImageDataset`, whose
+    augmentation is then a function of ``(seed, epoch, position)``; :meth:`state_dict` records
+    how many batches of the epoch training has used, and after :meth:`load_state_dict` the
+    next pass of that epoch starts right after them (nothing is decoded twice).
+
+    Args:
+        consumed_batches: the trainer's count of batches used in the current epoch.
+        Everything else: as :class:`torch.utils.data.DataLoader`.
+    """
+
+    def __init__(
+        self, *args: Any, consumed_batches: Callable[[], int] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, EpochSampler) or not self.sampler.tag:
+            raise TypeError("ResumableDataLoader needs an EpochSampler(..., tag=True)")
+        self.consumed_batches = consumed_batches
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batches"}``: where training is in this epoch (saved in checkpoints)."""
+        consumed = self.consumed_batches() if self.consumed_batches is not None else 0
+        return {"epoch": int(self.sampler.pass_epoch), "batches": int(consumed)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        batches = int(state_dict["batches"])
+        self.sampler.resume(int(state_dict["epoch"]), batches * self.batch_size)
 
 
 def collate(samples: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
