@@ -215,6 +215,8 @@ def test_teacher_is_trained_once_then_reused_and_auto_train_off_is_a_clear_error
     second = compose_cfg([*base, f"paths.output_dir={tmp_path / 'b'}", "teacher.auto_train=false"])
     again = train(second)
     assert cached.stat().st_mtime_ns == stamp
+    # the first run's wall time leaves out training the teacher, recorded apart
+    assert first["teacher_provision_s"] > again["teacher_provision_s"] >= 0
     # training the teacher first does not change the student's run: same seed, same result
     assert again["test"] == first["test"] and again["best_val_top1"] == first["best_val_top1"]
     assert len(list(cache.glob("*.run"))) == 1
