@@ -314,6 +314,22 @@ def test_plot_weights_shades_the_three_stages(sweep):
     assert {line.get_label() for line in ax.get_lines()} == {"ce_weight", "kd_weight"}
 
 
+def test_plot_weights_legend_names_only_the_stages_its_panel_shades(sweep):
+    # config B's schedule logs no stage (a constant or linear schedule); config A's does
+    metrics = sweep / "11" / "csv" / "metrics.csv"
+    with open(metrics, newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(metrics, "w", newline="") as f:
+        names = [n for n in rows[0] if n != "schedule/stage"]
+        writer = csv.DictWriter(f, fieldnames=names, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    staged, plain = (ax for ax in plot_weights(load_runs([sweep])).axes if ax.get_visible())
+    assert {"lag", "growth", "saturation"} <= {t.get_text() for t in staged.get_legend().texts}
+    assert not plain.patches
+    assert {t.get_text() for t in plain.get_legend().texts} == {"ce_weight", "kd_weight"}
+
+
 def test_plot_accuracy_mean_and_none_without_history(sweep, tmp_path):
     runs = load_runs([sweep])
     fig = plot_accuracy(runs)

@@ -639,8 +639,8 @@ def plot_weights(
         log.warning("no run logged *_weight columns; no loss-weight plot")
         return None
     fig = _new_figure(len(panels))
-    shaded: set[int] = set()
     for ax, (config, (group, weights)) in zip(fig.axes, panels.items(), strict=False):
+        shaded: set[int] = set()  # this panel's stages only: the legend names what it shades
         staged = [r for r in group if "schedule/stage" in r.history]
         if staged:
             sx, stage = staged[0].history.series("schedule/stage", x)
