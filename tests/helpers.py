@@ -1,5 +1,7 @@
 """Small builders shared by the tests."""
 
+from pathlib import Path
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -60,3 +62,24 @@ class SendSignalAt(L.Callback):
 
         if trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
+
+
+def tiny_kd_overrides(root, out, teacher_cache, max_epochs: int = 1) -> list[str]:
+    """Hydra overrides of a short resnet20 -> resnet8 KD run on the tiny CIFAR-10 folder ``root``:
+    batch 4, a one-epoch teacher cached in ``teacher_cache``, the decoded data cached beside it
+    (``data_cache``), the run written to ``out``, no config printout or progress bar."""
+    return [
+        "data=cifar10",
+        "data.source=folder",
+        f"data.root={root}",
+        "data.batch_size=4",
+        "model=resnet20_resnet8",
+        "distill=kd",
+        "teacher.recipe.max_epochs=1",
+        f"trainer.max_epochs={max_epochs}",
+        f"paths.output_dir={out}",
+        f"paths.teacher_cache={teacher_cache}",
+        f"paths.data_cache={Path(teacher_cache).parent / 'data_cache'}",
+        "print_config=false",
+        "callbacks.rich_progress_bar=null",
+    ]

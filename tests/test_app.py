@@ -14,7 +14,7 @@ from gompertz_kd.config import CONFIG_DIR
 from gompertz_kd.teachers import teacher_cache_path
 from gompertz_kd.train import train
 
-from helpers import make_cifar_folder
+from helpers import make_cifar_folder, tiny_kd_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 TESTS_DIR = Path(__file__).parent
@@ -59,14 +59,7 @@ def tiny(root, out, cache, *extra):
 def small_cli_run(root, cache):
     """Command-line overrides of a one-epoch resnet20 -> resnet8 KD run on tiny CIFAR-10 data;
     Hydra chooses the run directory (set hydra.run.dir / hydra.sweep.dir)."""
-    return [
-        "data=cifar10",
-        "model=resnet20_resnet8",
-        "distill=kd",
-        "teacher.recipe.max_epochs=1",
-        "trainer.max_epochs=1",
-        *[o for o in tiny(root, "unused", cache) if not o.startswith("paths.output")],
-    ]
+    return [o for o in tiny_kd_overrides(root, "unused", cache) if not o.startswith("paths.output")]
 
 
 def run_cli(*args, cwd, timeout=300, env_extra=None):
@@ -144,12 +137,7 @@ def test_a_run_writes_only_below_its_run_dir_teacher_cache_and_data_cache(tmp_pa
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     cfg = compose_cfg(
         [
-            "data=cifar10",
-            "model=resnet20_resnet8",
-            "distill=kd",
-            "teacher.recipe.max_epochs=1",
-            "trainer.max_epochs=1",
-            *tiny(data, tmp_path / "run", tmp_path / "teachers"),
+            *tiny_kd_overrides(data, tmp_path / "run", tmp_path / "teachers"),
             f"paths.data_cache={tmp_path / 'data_cache'}",
             f"paths.log_dir={tmp_path / 'logs'}",
         ]
@@ -199,14 +187,7 @@ def test_teacher_is_trained_once_then_reused_and_auto_train_off_is_a_clear_error
     tiny_data, tmp_path
 ):
     cache = tmp_path / "teachers"
-    base = [
-        "data=cifar10",
-        "model=resnet20_resnet8",
-        "distill=kd",
-        "teacher.recipe.max_epochs=1",
-        "trainer.max_epochs=1",
-        *tiny(tiny_data["cifar10"], tmp_path / "a", cache),
-    ]
+    base = tiny_kd_overrides(tiny_data["cifar10"], tmp_path / "a", cache)
     cfg = compose_cfg(base)
     first = train(cfg)
     cached = teacher_cache_path(cfg)

@@ -13,7 +13,7 @@ from gompertz_kd.config import CONFIG_DIR
 from gompertz_kd.models import create_model
 from gompertz_kd.train import train
 
-from helpers import make_cifar_folder
+from helpers import make_cifar_folder, tiny_kd_overrides
 
 
 @pytest.fixture(scope="module")
@@ -25,25 +25,7 @@ def tiny_c10(tmp_path_factory):
 
 def cfg_for(root, out, *extra):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                "data=cifar10",
-                "data.source=folder",
-                f"data.root={root}",
-                "data.batch_size=4",
-                "model=resnet20_resnet8",
-                "distill=kd",
-                "teacher.recipe.max_epochs=1",
-                "trainer.max_epochs=1",
-                f"paths.output_dir={out}",
-                f"paths.teacher_cache={out / 'teachers'}",
-                f"paths.data_cache={out / 'data_cache'}",
-                "print_config=false",
-                "callbacks.rich_progress_bar=null",
-                *extra,
-            ],
-        )
+        return compose("train", overrides=[*tiny_kd_overrides(root, out, out / "teachers"), *extra])
 
 
 @pytest.mark.parametrize(

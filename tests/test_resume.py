@@ -16,7 +16,7 @@ from gompertz_kd.callbacks import RunInterrupted
 from gompertz_kd.config import CONFIG_DIR
 from gompertz_kd.train import run_training
 
-from helpers import make_cifar_folder
+from helpers import make_cifar_folder, tiny_kd_overrides
 
 STEPS_PER_EPOCH = 5  # 20 tiny training images, batch 4
 
@@ -41,21 +41,9 @@ def uninterrupted(tiny_c10, cache, tmp_path_factory):
 
 def overrides(root, out, cache):
     return [
-        "data=cifar10",
-        "data.source=folder",
-        f"data.root={root}",
-        "data.batch_size=4",
-        "model=resnet20_resnet8",
-        "distill=kd",
-        "teacher.recipe.max_epochs=1",
-        "trainer.max_epochs=3",
+        *tiny_kd_overrides(root, out, cache, max_epochs=3),
         "trainer.deterministic=true",
         "trainer.log_every_n_steps=1",
-        f"paths.output_dir={out}",
-        f"paths.teacher_cache={cache}",
-        f"paths.data_cache={Path(cache).parent / 'data_cache'}",
-        "print_config=false",
-        "callbacks.rich_progress_bar=null",
     ]
 
 
@@ -124,7 +112,7 @@ def test_cli_exits_with_signal_code_and_prints_the_resume_command(tiny_c10, cach
         *[o for o in overrides(tiny_c10, "unused", cache) if not o.startswith("paths.output")],
         f"hydra.run.dir={run_dir}",
     ]
-    env_path = {"PYTHONPATH": str(__import__("pathlib").Path(__file__).parent)}
+    env_path = {"PYTHONPATH": str(Path(__file__).parent)}
     import os
 
     env = {**os.environ, **env_path}
