@@ -33,7 +33,7 @@ from gompertz_kd.config import ROOT_DIR, print_config_tree
 from gompertz_kd.module import DistillationModule
 from gompertz_kd.teachers import provision_teacher
 
-__all__ = ["TrainingRun", "train", "run_training"]
+__all__ = ["TrainingRun", "build_module", "train", "run_training"]
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,7 @@ def run_training(cfg: DictConfig) -> TrainingRun:
     L.seed_everything(cfg.seed, workers=True)
 
     log.info("Building model <%s>", cfg.model._target_)
-    module: DistillationModule = build(
-        cfg.model, num_classes=datamodule.num_classes, teacher_ckpt=teacher_ckpt, _convert_="all"
-    )
+    module = build_module(cfg, num_classes=datamodule.num_classes, teacher_ckpt=teacher_ckpt)
     if cfg.get("compile"):
         module.compile_networks()
     callbacks = _instantiate_group(cfg.get("callbacks"))
@@ -109,6 +107,13 @@ def run_training(cfg: DictConfig) -> TrainingRun:
         _write_json_atomically(output_dir / RESULTS_FILE, results)
         log.info("Results written to %s", output_dir / RESULTS_FILE)
     return TrainingRun(results=results, module=module, trainer=trainer)
+
+
+def build_module(
+    cfg: DictConfig, num_classes: int, teacher_ckpt: str | None
+) -> DistillationModule:
+    """The DistillationModule of ``cfg`` for a data set of ``num_classes`` classes."""
+    return build(cfg.model, num_classes=num_classes, teacher_ckpt=teacher_ckpt, _convert_="all")
 
 
 def check_config(cfg: DictConfig) -> None:
