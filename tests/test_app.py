@@ -104,22 +104,27 @@ def test_every_experiment_composes_and_runs_fast_dev_run(
 
 
 def test_cpu_study_experiments_share_one_recipe_and_differ_only_in_the_objective():
-    study = [e for e in EXPERIMENTS if e.startswith("c10cpu_")]
-    assert len(study) == 8
+    study = [e for e in EXPERIMENTS if e.startswith("c10cpu")]
+    assert len(study) == 9
     cfgs = {e: compose_cfg([f"experiment={e}"]) for e in study}
     recipe = {
         e: (c.data, c.trainer.max_epochs, c.model.student, c.model.lr, c.model.lr_milestones)
         for e, c in cfgs.items()
     }
-    assert all(r == recipe["c10cpu_gkd"] for r in recipe.values())
-    teachers = {e: c.teacher for e, c in cfgs.items() if c.model.teacher}
-    assert len(teachers) == 7 and all(t == teachers["c10cpu_kd"] for t in teachers.values())
+    assert all(r == recipe["c10cpu"] for r in recipe.values())
+    assert all(c.teacher == cfgs["c10cpu"].teacher for c in cfgs.values())
     assert cfgs["c10cpu_kd"].data.source == "folder" and cfgs["c10cpu_kd"].data.val_split > 0
-    terms = {e: (c.model.kd_scale, c.model.wd_scale, c.model.gm_scale) for e, c in cfgs.items()}
-    assert terms["c10cpu_student"] == (0, 0, 0) and terms["c10cpu_gkd_wd_gm"] == (1, 1, 1)
+
+    def terms(c):
+        return {n: t.scale for n, t in c.method.terms.items() if t.scale > 0}
+
+    assert terms(cfgs["c10cpu_student"]) == {}
+    assert terms(cfgs["c10cpu_gkd_wd_gm"]) == {"kd": 1, "wd": 1, "gm": 1}
+    assert cfgs["c10cpu"].method == cfgs["c10cpu_gkd_wd_gm"].method
     assert {
-        e: c.schedule._target_.rsplit(".", 1)[1] for e, c in cfgs.items() if c.model.teacher
+        e: c.schedule._target_.rsplit(".", 1)[1] for e, c in cfgs.items() if terms(c)
     } == {
+        "c10cpu": "Gompertz",
         "c10cpu_kd": "Constant",
         "c10cpu_gkd": "Gompertz",
         "c10cpu_gkd_wd": "Gompertz",
@@ -155,15 +160,18 @@ def test_paper_experiment_is_the_full_objective_on_the_benchmark_recipe():
         "ResNet50",
         "cifar100",
     )
-    assert cfg.model.kd_scale > 0 and cfg.model.wd_scale > 0 and cfg.model.gm_scale > 0
+    terms = cfg.method.terms
+    assert terms.kd.scale > 0 and terms.wd.scale > 0 and terms.gm.scale > 0
+    assert {t.schedule for t in terms.values()} == {"shared"}
     assert cfg.schedule._target_ == "gompertz_kd.schedules.Gompertz"
     assert cfg.trainer.max_epochs == 240 and cfg.data.batch_size == 64
-    assert list(cfg.model.lr_milestones) == [150, 180, 210] and cfg.model.temperature == 4.0
+    assert list(cfg.model.lr_milestones) == [150, 180, 210] and terms.kd.term.temperature == 4.0
     kd = compose_cfg(["experiment=c100_resnet50_mbv2_kd"])
     assert kd.schedule._target_ == "gompertz_kd.schedules.Constant" and kd.schedule.value == 0.9
-    assert kd.model.mixing == "convex" and kd.model.wd_scale == 0 and kd.model.gm_scale == 0
+    assert kd.method.mixing == "convex"
+    assert kd.method.terms.wd.scale == 0 and kd.method.terms.gm.scale == 0
     alone = compose_cfg(["experiment=c100_resnet50_mbv2_student"])
-    assert alone.model.teacher is None
+    assert dict(alone.method.terms) == {}
 
 
 def test_schedule_typo_fails_at_composition():

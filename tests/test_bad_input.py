@@ -91,7 +91,7 @@ def test_gpu_requested_where_there_is_none_exits_nonzero_with_the_fix(tiny_c10, 
     env = {**os.environ, "GOMPERTZ_KD_ROOT": str(tmp_path)}
     gpu = subprocess.run(
         [sys.executable, "-m", "gompertz_kd.run", "trainer=gpu", "data=cifar10", "data.source=folder",
-         f"data.root={tiny_c10}", "model=resnet20_resnet8", "distill=none"],
+         f"data.root={tiny_c10}", "model=resnet20_resnet8", "method=student"],
         capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert gpu.returncode != 0

@@ -4,6 +4,7 @@ import torch
 
 from gompertz_kd.callbacks import GompertzWeightCallback
 from gompertz_kd.module import DistillationModule
+from gompertz_kd.objectives import gompertz_cnn
 from gompertz_kd.schedules import Gompertz, gompertz
 
 from helpers import cpu_trainer, random_loader
@@ -35,7 +36,10 @@ SCHEDULE = Gompertz(w_max=1.0, b=4.0, c=5.0)
 
 def module(**kwargs):
     return DistillationModule(
-        student="resnet8", teacher="resnet14", num_classes=10, schedule=SCHEDULE, **kwargs
+        student="resnet8",
+        teacher="resnet14",
+        num_classes=10,
+        objective=gompertz_cnn(schedule=SCHEDULE, **kwargs),
     )
 
 

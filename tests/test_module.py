@@ -1,4 +1,5 @@
 import copy
+import inspect
 import math
 
 import lightning as L
@@ -9,14 +10,22 @@ from gompertz_kd import losses
 from gompertz_kd.callbacks import GompertzWeightCallback
 from gompertz_kd.models import create_model
 from gompertz_kd.module import DistillationModule, NonFiniteLossError, benchmark_lr, fold_batchnorm
+from gompertz_kd.objectives import gompertz_cnn
 from gompertz_kd.schedules import Constant, Gompertz, LinearWarmup
 
 from helpers import cpu_trainer, random_loader
 
+GOMPERTZ_CNN_ARGS = set(inspect.signature(gompertz_cnn).parameters)
+
 
 def small_module(**kwargs) -> DistillationModule:
+    """resnet14 -> resnet8 on 10 classes; objective keywords (kd_scale, wd_scale, schedule,
+    mixing, ...) build the Gompertz-CNN objective (:func:`gompertz_cnn`)."""
+    objective = {k: kwargs.pop(k) for k in list(kwargs) if k in GOMPERTZ_CNN_ARGS}
     defaults = dict(student="resnet8", teacher="resnet14", num_classes=10)
     defaults.update(kwargs)
+    if defaults["teacher"] is not None and "objective" not in defaults:
+        defaults["objective"] = gompertz_cnn(**objective)
     return DistillationModule(**defaults)
 
 
@@ -37,19 +46,19 @@ def test_full_objective_gradients_reach_student_and_projector_never_teacher():
     assert all(p.grad is None for p in module.teacher.parameters())
     assert all(not p.requires_grad for p in module.teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.student.parameters())
-    assert all(p.grad is not None for p in module.wasserstein.parameters())
+    assert all(p.grad is not None for p in module.objective.terms['wd'].parameters())
 
 
 def test_teacher_stays_in_eval_mode_and_out_of_the_optimizer():
     module = small_module(wd_scale=1.0)
     module.train()
     assert module.student.training and not module.teacher.training
-    assert module.wasserstein.training
+    assert module.objective.terms['wd'].training
     optimizer = module.configure_optimizers()["optimizer"]
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert not in_optimizer & {id(p) for p in module.teacher.parameters()}
     expected = {id(p) for p in module.student.parameters()} | {
-        id(p) for p in module.wasserstein.parameters()
+        id(p) for p in module.objective.terms['wd'].parameters()
     }
     assert in_optimizer == expected
 
@@ -71,7 +80,7 @@ def test_default_recipe_is_the_benchmark():
     assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.01, 0.9, 5e-4)
     assert dict(sched.milestones) == {150: 1, 180: 1, 210: 1} and sched.gamma == 0.1
     assert benchmark_lr("resnet8") == 0.05 and benchmark_lr("ShuffleV2") == 0.01
-    assert module.temperature == 4.0
+    assert small_module().objective.terms["kd"].temperature == 4.0
 
 
 def test_a_few_optimizer_steps_lower_the_total_loss_on_a_fixed_batch():
@@ -110,7 +119,7 @@ def test_weights_follow_each_terms_schedule_and_scale():
 
 def test_zero_scale_switches_a_term_off_entirely():
     module = small_module(kd_scale=1.0, wd_scale=0.0, gm_scale=0.0)
-    assert module.wasserstein is None
+    assert "wd" not in module.objective.terms
     images, targets = batch()
     _, terms, _ = module.compute_losses(images, targets)
     assert set(terms) == {"loss_ce", "loss_kd"}
@@ -137,7 +146,7 @@ def test_student_alone_has_no_distillation_terms():
     [
         ({"mixing": "blend"}, "mixing"),
         ({"temperature": 0.0}, "temperature"),
-        ({"kd_scale": -1.0}, "kd_scale"),
+        ({"kd_scale": -1.0}, "terms.kd.scale"),
         ({"num_classes": 1}, "num_classes"),
         ({"student": "resnet9000"}, "resnet9000"),
     ],

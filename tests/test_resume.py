@@ -164,7 +164,7 @@ def test_two_seeded_deterministic_quick_runs_are_bitwise_equal(tiny_c10, cache, 
                 *[
                     o
                     for o in overrides(tiny_c10, out, cache)
-                    if not o.startswith(("data=", "model=", "distill="))
+                    if not o.startswith(("data=", "model=", "method="))
                 ],
             ]
         )

@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import inspect
 import os
 import platform
 import statistics
@@ -69,7 +70,11 @@ from gompertz_kd.data import (
 from gompertz_kd.data.loaders import collate
 from gompertz_kd.models import create_model
 from gompertz_kd.module import DistillationModule
+from gompertz_kd.objectives import gompertz_cnn
 from gompertz_kd.schedules import Constant, Gompertz
+
+# keywords of DistillationModule-building cases that describe the Gompertz-CNN objective
+_GOMPERTZ_CNN_ARGS = set(inspect.signature(gompertz_cnn).parameters)
 
 __all__ = [
     "Case",
@@ -282,15 +287,18 @@ class Setup:
         """A fresh student (seeded, so every case starts from the same weights) with the shared
         teacher (``teacher="shared"``), another built teacher, or none."""
         torch.manual_seed(0)
+        objective = {k: kwargs.pop(k) for k in list(kwargs) if k in _GOMPERTZ_CNN_ARGS}
+        objective.setdefault("schedule", Gompertz())
         options = dict(
             student=self.student,
             teacher=self.shared_teacher if teacher == "shared" else teacher,
             num_classes=self.num_classes,
-            schedule=Gompertz(),
             channels_last=self.channels_last,
             gm_every=self.gm_every,
         )
         options.update(kwargs)
+        if options["teacher"] is not None and "objective" not in options:
+            options["objective"] = gompertz_cnn(**objective)
         module = DistillationModule(**options).to(self.device)
         module.train()
         module.set_progress(0.5)
@@ -485,7 +493,7 @@ def steps_section(
     def wd_term() -> None:
         features = [f.requires_grad_(True) for f in student_features]
         with setup.autocast():
-            loss = wd.wasserstein(features, teacher_features)
+            loss = wd.objective.terms["wd"].loss(features, teacher_features)
         loss.backward()
 
     def statistics_of(fn: Callable[[Tensor], Any]) -> Callable[[], None]:
@@ -709,8 +717,8 @@ def accuracy_section(setup: Setup, fd_steps: Sequence[float]) -> list[tuple[str,
         gm16 = losses.gradient_matching_loss(g_s, grad16)
         with torch.no_grad():
             student_features = exact.student.forward_stages(images).features
-            wd32 = exact.wasserstein(student_features, out32.features)
-            wd16 = exact.wasserstein(student_features, out16.features)
+            wd32 = exact.objective.terms["wd"].loss(student_features, out32.features)
+            wd16 = exact.objective.terms["wd"].loss(student_features, out16.features)
         per_image = F.cosine_similarity(grad16.flatten(1), grad32.flatten(1), dim=1)
         rows += [
             (

@@ -1,12 +1,15 @@
-"""The teacher-student LightningModule of Gompertz-CNN.
+"""The teacher-student LightningModule.
 
-:class:`DistillationModule` wires the pieces of :mod:`gompertz_kd.losses` into one objective
+:class:`DistillationModule` trains the student on an :class:`~gompertz_kd.objectives.Objective`:
 
-    total = ce_weight * loss_ce + kd_weight * loss_kd + wd_weight * loss_wd + gm_weight * loss_gm
+    total = ce_weight * loss_ce + sum over terms  <term>_weight * loss_<term>
 
-and trains the student (plus the Wasserstein projectors) on it. It does not decide the weights:
+where each term (KD, DKD, CRD, ..., the Wasserstein and gradient-matching terms of Gompertz-CNN)
+declares what it needs from a step and each weight follows its own schedule. The module runs the
+frozen teacher once per step, computing only what the terms need, and hands every term the same
+:class:`~gompertz_kd.objectives.Step`. It does not decide the weights:
 :class:`~gompertz_kd.callbacks.GompertzWeightCallback` computes training progress before every
-batch and calls :meth:`DistillationModule.set_progress`, which reads each term's schedule.
+batch and calls :meth:`DistillationModule.set_progress`.
 """
 
 from __future__ import annotations
@@ -25,21 +28,18 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from gompertz_kd import losses
 from gompertz_kd.checkpoints import load_weights
-from gompertz_kd.models import StageOutput, create_model, feature_shapes
-from gompertz_kd.schedules import Gompertz, Schedule, Stage
+from gompertz_kd.models import StageOutput, create_model
+from gompertz_kd.objectives import Need, Networks, Objective, Step, gompertz_cnn
+from gompertz_kd.schedules import Stage
 
 __all__ = [
     "TEACHER_PRECISIONS",
-    "TERMS",
     "DistillationModule",
     "NonFiniteLossError",
     "benchmark_lr",
     "fold_batchnorm",
 ]
 
-# The distillation terms, in the order they are logged. ``loss_<term>`` is the raw term,
-# ``<term>_weight`` its current weight, ``<term>_scale`` its constant factor.
-TERMS = ("kd", "wd", "gm")
 # Precision of the teacher's passes: None follows the trainer's autocast.
 TEACHER_PRECISIONS = (None, "32", "bf16")
 
@@ -72,25 +72,19 @@ class DistillationModule(L.LightningModule):
         teacher_ckpt: weights for the teacher (gompertz_kd checkpoint, ``{"model": ...}`` zoo
             file or bare state dict). ``None`` keeps the teacher as built (only sensible when a
             built, trained module is passed in).
-        schedule: the schedule shared by every distillation term that has no schedule of its own.
-        kd_scale, wd_scale, gm_scale: constant factor of each term; a term's weight is
-            ``<term>_scale * <term>_schedule(progress)``. ``0`` switches the term off: it is not
-            computed at all (no projector, no extra backward pass).
-        kd_schedule, wd_schedule, gm_schedule: per-term schedules overriding ``schedule``.
-        mixing: ``"additive"`` keeps ``ce_weight`` constant; ``"convex"`` is the classic
-            ``(1 - kd_weight) * CE + kd_weight * KD`` (needs ``kd_weight <= 1`` throughout).
-        ce_weight: weight of the cross-entropy on the true labels (``"additive"`` mixing).
-        temperature: KD temperature ``T``.
-        wd_pairs: ``(teacher_stage, student_stage)`` pairs for the Wasserstein term.
-        wd_variant: ``"gaussian"`` (closed form) or ``"sliced"``.
-        wd_reduction: channel reduction of the Gaussian variant, ``"mean"`` or ``"sum"``.
-        wd_projections: random directions of the sliced variant.
+        objective: the loss (:class:`~gompertz_kd.objectives.Objective`: cross-entropy plus named
+            terms, each ``scale * schedule(progress)``). ``None``: Gompertz KD
+            (:func:`~gompertz_kd.objectives.gompertz_cnn` with its defaults) when there is a
+            teacher, cross-entropy alone when there is none. Its terms build their trainable
+            parts here, after the networks (and the teacher's weights) are in place.
+        num_train_samples: images in the training set, for terms with a per-image memory (CRD).
         lr, momentum, weight_decay, lr_milestones, lr_gamma: the default optimiser, SGD with a
             step LR schedule (per epoch). ``lr=None`` picks :func:`benchmark_lr` for the student.
         optimizer, lr_scheduler: factories (e.g. ``functools.partial`` or Hydra ``_partial_``)
             replacing the default; they receive the trainable parameters / the optimiser.
-        channels_last: keep both networks and the input batches in ``channels_last`` memory
-            format (faster convolutions on most CPUs and on tensor-core GPUs).
+        channels_last: keep both networks, the objective's parts and the input batches in
+            ``channels_last`` memory format (faster convolutions on most CPUs and on tensor-core
+            GPUs).
         teacher_precision: precision of the teacher's passes. ``None`` follows the trainer (fp32,
             or bf16 under ``precision="bf16-mixed"``); ``"32"`` keeps the teacher in fp32 even
             under mixed precision; ``"bf16"`` runs it under bf16 autocast even when the student
@@ -103,21 +97,22 @@ class DistillationModule(L.LightningModule):
             the teacher's tensors change (a device move, loaded weights); state dicts and
             checkpoints hold the teacher as built. A teacher that ``torch.fx`` cannot trace runs
             unfolded, with a warning.
-        gm_every: compute the gradient-matching term on every ``gm_every``-th training step
-            only (``global_step % gm_every == 0``), with its weight multiplied by ``gm_every`` so
-            its average contribution is unchanged (lazy regularisation). The other steps skip
-            the teacher's backward and the student's double backward.
-        gm_precision: ``"32"`` (default) runs the student's forward and the teacher's
-            input-gradient pass in fp32 on the steps where the term is due, even under
-            ``bf16-mixed``: the student's second-order gradient in bf16 is far from the fp32 one
-            (cosine 0.23 in ``docs/benchmarks.md``). On fp32 runs it changes nothing. ``None``
-            runs gradient matching in the trainer's precision.
+        gm_every: compute the terms that need the teacher's input gradient (gradient matching)
+            on every ``gm_every``-th training step only (``global_step % gm_every == 0``), with
+            their weight multiplied by ``gm_every`` so their average contribution is unchanged
+            (lazy regularisation). The other steps skip the teacher's backward and the student's
+            double backward.
+        gm_precision: ``"32"`` (default) runs the student's forward, the teacher's input-gradient
+            pass and those terms in fp32 on the steps they are due, even under ``bf16-mixed``:
+            the student's second-order gradient in bf16 is far from the fp32 one (cosine 0.23 in
+            ``docs/benchmarks.md``). On fp32 runs it changes nothing. ``None`` runs them in the
+            trainer's precision.
         nonfinite: what a NaN or infinite loss does: ``"stop"`` raises
             :class:`NonFiniteLossError` naming the term, the step and the last checkpoint;
             ``"skip"`` skips the batch (no update) and counts it in ``train/skipped_batches``.
 
     The training forward :meth:`compute_losses` returns ``(student_logits, {"loss_ce": ...,
-    "loss_kd": ..., ...})``; the total is the weighted sum of that dict.
+    "loss_<term>": ..., ...}, teacher_logits)``; the total is the weighted sum of that dict.
 
     Raises:
         ValueError: an argument out of its range or not one of its choices (named in the message).
@@ -129,20 +124,8 @@ class DistillationModule(L.LightningModule):
         teacher: str | nn.Module | None = "ResNet50",
         num_classes: int = 100,
         teacher_ckpt: str | None = None,
-        schedule: Schedule | None = None,
-        kd_scale: float = 1.0,
-        wd_scale: float = 0.0,
-        gm_scale: float = 0.0,
-        kd_schedule: Schedule | None = None,
-        wd_schedule: Schedule | None = None,
-        gm_schedule: Schedule | None = None,
-        mixing: str = "additive",
-        ce_weight: float = 1.0,
-        temperature: float = 4.0,
-        wd_pairs: Sequence[Sequence[int]] = ((-1, -1),),
-        wd_variant: str = "gaussian",
-        wd_reduction: str = "mean",
-        wd_projections: int = 64,
+        objective: Objective | None = None,
+        num_train_samples: int | None = None,
         lr: float | None = None,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -164,17 +147,11 @@ class DistillationModule(L.LightningModule):
                 for n, v in (("student", student), ("teacher", teacher))
                 if isinstance(v, nn.Module)
             ]
-            + ["optimizer", "lr_scheduler"],
+            + ["optimizer", "lr_scheduler", "objective"],
             logger=False,
         )
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got num_classes={num_classes}")
-        if mixing not in ("additive", "convex"):
-            raise ValueError(f"mixing must be 'additive' or 'convex', got mixing={mixing!r}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got temperature={temperature}")
-        if ce_weight < 0:
-            raise ValueError(f"ce_weight must be >= 0, got ce_weight={ce_weight}")
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got nonfinite={nonfinite!r}")
         # Hydra reads `teacher_precision=32` as an integer.
@@ -191,6 +168,17 @@ class DistillationModule(L.LightningModule):
             )
         if isinstance(gm_every, bool) or not isinstance(gm_every, int) or gm_every < 1:
             raise ValueError(f"gm_every must be an integer >= 1, got gm_every={gm_every!r}")
+        if objective is None:
+            objective = gompertz_cnn() if teacher is not None else Objective()
+        if not isinstance(objective, Objective):
+            raise TypeError(
+                f"objective must be a gompertz_kd.objectives.Objective, got {type(objective).__name__}"
+            )
+        if teacher is None and objective.terms:
+            raise ValueError(
+                f"the objective's terms {objective.names} distil from a teacher, but teacher=None; "
+                "give a teacher, or an objective without terms to train the student alone"
+            )
         self.nonfinite = nonfinite
         self.skipped_batches = 0
         self.teacher_precision = teacher_precision
@@ -212,37 +200,13 @@ class DistillationModule(L.LightningModule):
             self.teacher.requires_grad_(False)
             self.teacher.eval()
 
-        shared = schedule if schedule is not None else Gompertz()
-        scales = {"kd": kd_scale, "wd": wd_scale, "gm": gm_scale}
-        own = {"kd": kd_schedule, "wd": wd_schedule, "gm": gm_schedule}
-        for term, scale in scales.items():
-            if scale < 0:
-                raise ValueError(f"{term}_scale must be >= 0, got {term}_scale={scale}")
-        if self.teacher is None:
-            scales = dict.fromkeys(TERMS, 0.0)
-        self.scales: dict[str, float] = {t: float(s) for t, s in scales.items() if s > 0}
-        self.schedules: dict[str, Schedule] = {t: own[t] or shared for t in self.scales}
-        if mixing == "convex" and "kd" in self.scales:
-            peak = self.scales["kd"] * self.schedules["kd"].peak
-            if peak > 1:
-                raise ValueError(
-                    f"mixing='convex' needs kd_weight <= 1, but kd_scale * schedule peak = {peak}; "
-                    "lower kd_scale or the schedule's w_max"
-                )
-        self.mixing = mixing
-        self.ce_weight = ce_weight
-        self.temperature = temperature
-
-        self.wasserstein: losses.WassersteinFeatureLoss | None = None
-        if "wd" in self.scales:
-            self.wasserstein = losses.WassersteinFeatureLoss(
-                student_channels=[c for c, _, _ in feature_shapes(self.student)],
-                teacher_channels=[c for c, _, _ in feature_shapes(self.teacher)],
-                pairs=wd_pairs,
-                variant=wd_variant,
-                reduction=wd_reduction,
-                n_projections=wd_projections,
+        self.objective = objective
+        if self.teacher is not None:
+            self.objective.bind(
+                Networks(self.student, self.teacher, num_classes, num_train_samples)
             )
+        # the terms computed only on every gm_every-th step, their weight x gm_every
+        self._lazy_terms = frozenset(objective.names_needing(Need.INPUT_GRAD))
 
         self.lr = benchmark_lr(student if isinstance(student, str) else "") if lr is None else lr
         self._optimizer_factory = optimizer
@@ -268,13 +232,7 @@ class DistillationModule(L.LightningModule):
     def loss_weights_at(self, progress: float) -> dict[str, float]:
         """Every term's weight at ``progress`` in ``[0, 1]``: ``{"ce_weight": ..., "kd_weight":
         ..., ...}`` for the terms that are on."""
-        weights = {f"{t}_weight": s * self.schedules[t](progress) for t, s in self.scales.items()}
-        ce = (
-            1.0 - weights["kd_weight"]
-            if self.mixing == "convex" and "kd" in self.scales
-            else self.ce_weight
-        )
-        return {"ce_weight": ce, **weights}
+        return self.objective.weights_at(progress)
 
     def set_progress(self, progress: float) -> dict[str, float]:
         """Move the objective to ``progress`` (called by the weight callback before each batch)."""
@@ -283,12 +241,8 @@ class DistillationModule(L.LightningModule):
         return self.loss_weights
 
     def stage_at(self, progress: float) -> Stage | None:
-        """Stage of the KD schedule (or the first scheduled term) if it is a Gompertz curve."""
-        for term in TERMS:
-            schedule = self.schedules.get(term)
-            if schedule is not None:
-                return schedule.stage(progress) if isinstance(schedule, Gompertz) else None
-        return None
+        """Stage of the first term's schedule if it is a Gompertz curve."""
+        return self.objective.stage_at(progress)
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: Tensor) -> Tensor:
@@ -296,61 +250,76 @@ class DistillationModule(L.LightningModule):
         return self.student(self._format(images))
 
     def compute_losses(
-        self, images: Tensor, targets: Tensor, step: int | None = None
+        self,
+        images: Tensor,
+        targets: Tensor,
+        step: int | None = None,
+        indices: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
-        """One training forward: student (and teacher) on a batch, every active loss term.
+        """One training forward: student (and teacher) on a batch, every term that is due.
 
         Args:
             images: ``(N, 3, H, W)`` normalised batch.
             targets: ``(N,)`` class indices.
-            step: the training step, which decides whether gradient matching is due when
-                ``gm_every > 1``; ``None`` computes every active term.
+            step: the training step, which decides whether the input-gradient terms are due when
+                ``gm_every > 1``; ``None`` computes every term.
+            indices: ``(N,)`` training-set indices of the images (terms that need them: CRD).
 
         Returns:
             ``(student_logits, terms, teacher_logits)``: logits ``(N, K)``; ``terms`` maps
-            ``"loss_ce"`` and ``"loss_<term>"`` for each active term (``"loss_gm"`` only on the
-            steps it is due) to an unweighted scalar; teacher logits ``(N, K)`` (detached) or
-            ``None`` without a teacher.
+            ``"loss_ce"`` and ``"loss_<term>"`` for each term due at this step to an unweighted
+            scalar; teacher logits ``(N, K)`` (detached), or ``None`` when no term ran the
+            teacher.
 
-        Gradient matching needs the input gradient of both networks: the teacher's comes from
-        the same teacher forward (run with autograd on the input) plus one backward to the image;
-        the student's is built with ``create_graph=True`` (one double backward through the
-        student when the total is back-propagated).
+        The teacher runs once, without autograd unless a due term needs its input gradient (then
+        with autograd on the image only, plus one backward to it); the images then carry autograd
+        so that the student's input gradient can be built with ``create_graph=True``.
         """
         images = self._format(images)
-        match_grads = self.gm_due(step)
-        if match_grads:
+        due = self.due_terms(step)
+        input_grad = any(name in self._lazy_terms for name in due)
+        if input_grad:
             images = images.detach().requires_grad_(True)
         # The student's forward and its input gradient (create_graph: its ops dispatch through
-        # autocast too) run in gm_precision on the steps gradient matching is due.
-        gm_precision = self.gm_precision if match_grads else None
+        # autocast too) run in gm_precision on the steps an input-gradient term is due.
+        gm_precision = self.gm_precision if input_grad else None
         with self._precision(images, gm_precision):
             student_out = self.student.forward_stages(images)
         terms = {"loss_ce": F.cross_entropy(student_out.logits, targets)}
-        if self.teacher is None:
+        if not due:
             return student_out.logits, terms, None
-
-        teacher_out, teacher_grad = self.teacher_forward(images, targets, match_grads)
-        if "kd" in self.scales:
-            terms["loss_kd"] = losses.kd_loss(
-                student_out.logits, teacher_out.logits, self.temperature
+        if indices is None and Need.INDICES in self.objective.needs:
+            raise ValueError(
+                f"terms {self.objective.names_needing(Need.INDICES)} need each image's training-set "
+                "index: pass indices=, or build the data module with with_indices=True"
             )
-        if self.wasserstein is not None:
-            terms["loss_wd"] = self.wasserstein(student_out.features, teacher_out.features)
-        if match_grads:
-            with self._precision(images, gm_precision):
-                student_grad = losses.true_class_input_gradient(
-                    student_out.logits, images, targets, create_graph=True
-                )
-                terms["loss_gm"] = losses.gradient_matching_loss(student_grad, teacher_grad)
+
+        teacher_out, teacher_grad = self.teacher_forward(images, targets, input_grad)
+        batch = Step(
+            student=student_out,
+            teacher=teacher_out,
+            images=images,
+            targets=targets,
+            indices=indices,
+            teacher_input_grad=teacher_grad,
+            progress=self.progress,
+            step=step,
+        )
+        for name in due:
+            lazy = name in self._lazy_terms
+            with self._precision(images, gm_precision if lazy else None):
+                terms[f"loss_{name}"] = self.objective.terms[name](batch)
         return student_out.logits, terms, teacher_out.logits
 
+    def due_terms(self, step: int | None) -> list[str]:
+        """The terms computed at training step ``step`` (``None``: every term): all but the
+        input-gradient terms off their ``gm_every`` beat."""
+        lazy_due = step is None or step % self.gm_every == 0
+        return [n for n in self.objective.names if lazy_due or n not in self._lazy_terms]
+
     def gm_due(self, step: int | None) -> bool:
-        """Whether the gradient-matching term is computed at training step ``step`` (``None``:
-        whenever it is on)."""
-        if "gm" not in self.scales:
-            return False
-        return step is None or step % self.gm_every == 0
+        """Whether the input-gradient terms (gradient matching) are computed at ``step``."""
+        return bool(self._lazy_terms) and (step is None or step % self.gm_every == 0)
 
     def teacher_forward(
         self, images: Tensor, targets: Tensor | None = None, input_gradient: bool = False
@@ -428,21 +397,25 @@ class DistillationModule(L.LightningModule):
         return runner
 
     def weighted_total(self, terms: Mapping[str, Tensor]) -> Tensor:
-        """``sum(<term>_weight * loss_<term>)`` with the current weights; ``loss_gm`` counts
-        ``gm_every`` times, as it is present on every ``gm_every``-th step only."""
+        """``sum(<term>_weight * loss_<term>)`` with the current weights; an input-gradient
+        term counts ``gm_every`` times, as it is present on every ``gm_every``-th step only."""
         return sum(
-            self.loss_weights[name.replace("loss_", "") + "_weight"]
-            * (self.gm_every if name == "loss_gm" else 1)
+            self.loss_weights[name.removeprefix("loss_") + "_weight"]
+            * (self.gm_every if name.removeprefix("loss_") in self._lazy_terms else 1)
             * value
             for name, value in terms.items()
         )
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(
-        self, batch: tuple[Tensor, Tensor], batch_idx: int
+        self, batch: tuple[Tensor, ...], batch_idx: int
     ) -> dict[str, Tensor] | None:
-        images, targets = batch
-        logits, terms, teacher_logits = self.compute_losses(images, targets, self.global_step)
+        # (images, targets), or (images, targets, indices) from a data module asked for indices
+        images, targets, *rest = batch
+        indices = rest[0] if rest else None
+        logits, terms, teacher_logits = self.compute_losses(
+            images, targets, self.global_step, indices
+        )
         total = self.weighted_total(terms)
         batch_size = targets.shape[0]
         # One host sync per step; all ranks decide together so DDP never waits on a skipped rank.
@@ -452,6 +425,13 @@ class DistillationModule(L.LightningModule):
             return self._non_finite(terms)
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size)
+        extra = {
+            f"train/{name}/{key}": value.detach()
+            for name, term in self.objective.terms.items()
+            for key, value in term.extra_metrics().items()
+        }
+        if extra:
+            self.log_dict(extra, batch_size=batch_size)
         self.train_metrics.update(logits.detach(), targets)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=batch_size)
         out = {"loss": total, "student_correct": (logits.detach().argmax(1) == targets).sum()}
@@ -505,18 +485,17 @@ class DistillationModule(L.LightningModule):
         )
 
     def train(self, mode: bool = True) -> DistillationModule:
-        """Switch the student (and projectors) to ``mode``; the teacher stays in eval mode."""
+        """Switch the student (and the objective's parts) to ``mode``; the teacher stays in eval
+        mode."""
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The student's and the projectors' parameters: never the teacher's."""
-        params = list(self.student.parameters())
-        if self.wasserstein is not None:
-            params += list(self.wasserstein.parameters())
-        return params
+        """The student's and the objective's parameters (projectors, regressors, a learnable
+        temperature): never the teacher's."""
+        return list(self.student.parameters()) + list(self.objective.parameters())
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = self.trainable_parameters()
@@ -544,7 +523,7 @@ class DistillationModule(L.LightningModule):
         """Add the default weight callback when the trainer has none, so the weights move."""
         from gompertz_kd.callbacks import GompertzWeightCallback
 
-        if not self.scales or any(
+        if not self.objective.terms or any(
             isinstance(c, GompertzWeightCallback) for c in self.trainer.callbacks
         ):
             return []
@@ -557,7 +536,7 @@ class DistillationModule(L.LightningModule):
         gradient matching on, the student stays eager, with a warning: compiled graphs have no
         double backward.
         """
-        if "gm" in self.scales:
+        if self._lazy_terms:
             warnings.warn(
                 "compile_networks: the student stays eager, since gradient matching needs a double "
                 "backward through it, which compiled graphs lack; the teacher is compiled",

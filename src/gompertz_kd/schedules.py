@@ -17,7 +17,9 @@ symmetric logistic curve.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import Protocol, runtime_checkable
 
@@ -32,8 +34,10 @@ __all__ = [
     "Logistic",
     "Schedule",
     "Stage",
+    "SCHEDULES",
     "check_progress",
     "gompertz",
+    "make_schedule",
 ]
 
 # Roots of u^2 - 3u + 1 = 0 with u = b * exp(-c t): where the third derivative of the Gompertz curve
@@ -237,3 +241,73 @@ class Logistic:
     @property
     def peak(self) -> float:
         return self.w_max
+
+
+# Schedule shapes by the names configs and command lines use.
+SCHEDULES: dict[str, type] = {
+    "gompertz": Gompertz,
+    "constant": Constant,
+    "linear": LinearWarmup,
+    "cosine": CosineDecay,
+    "logistic": Logistic,
+}
+
+_SPEC = re.compile(r"^\s*([a-z_]+)\s*(?:\((.*)\))?\s*$")
+
+
+def make_schedule(spec: object, field: str = "schedule") -> Schedule:
+    """A schedule from what a config or a notebook gives.
+
+    Args:
+        spec: a built schedule (returned as is); a name from :data:`SCHEDULES` (``"gompertz"``),
+            optionally with parameters (``"gompertz(b=5, c=8)"``, ``"linear(t0=0.2)"``); or a
+            mapping ``{"name": "gompertz", "b": 5}``. A name alone gives the class defaults,
+            whose peak is 1 (``Gompertz(w_max=1, b=10, c=6)``, ``Constant(1)``,
+            ``LinearWarmup(1, t0=0.1)``, ``CosineDecay(1, 0)``, ``Logistic(1, 12, 0.4)``), so a
+            term's ``scale`` is its weight at the peak.
+        field: the config field being read, named in errors.
+
+    Raises:
+        ValueError: naming ``field``: an unknown name, an unknown or non-numeric parameter, or a
+            parameter out of range (the schedule's own check).
+    """
+    if isinstance(spec, Schedule) and not isinstance(spec, str | Mapping):
+        return spec
+    if isinstance(spec, Mapping):
+        params = dict(spec)
+        name = params.pop("name", None)
+    elif isinstance(spec, str):
+        match = _SPEC.match(spec)
+        if match is None:
+            raise ValueError(
+                f"{field}={spec!r} is not a schedule: write a name ({', '.join(SCHEDULES)}), "
+                "optionally with parameters, e.g. 'gompertz(b=5, c=8)'"
+            )
+        name, args = match.group(1), match.group(2)
+        params = {}
+        for item in filter(None, (a.strip() for a in (args or "").split(","))):
+            key, _, value = item.partition("=")
+            try:
+                params[key.strip()] = float(value)
+            except ValueError:
+                raise ValueError(
+                    f"{field}={spec!r}: parameter {item!r} must be written key=<number>"
+                ) from None
+    else:
+        raise ValueError(f"{field}={spec!r} is not a schedule name, mapping or schedule object")
+    if name not in SCHEDULES:
+        raise ValueError(
+            f"{field}: unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}"
+        )
+    cls = SCHEDULES[name]
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(
+            f"{field}: schedule {name!r} has no parameter {', '.join(unknown)}; "
+            f"its parameters are {', '.join(sorted(known))}"
+        )
+    try:
+        return cls(**params)
+    except ValueError as error:
+        raise ValueError(f"{field}: {error}") from None

@@ -147,7 +147,7 @@ def _teacher_run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
         model = teacher_cfg.model
         model.student = cfg.model.teacher
         model.teacher = None
-        model.kd_scale = model.wd_scale = model.gm_scale = 0.0
+        teacher_cfg.method = {"_target_": "gompertz_kd.objectives.Objective", "terms": {}}
         model.lr = float(recipe.lr)
         model.lr_milestones = list(recipe.lr_milestones)
         trainer = teacher_cfg.trainer

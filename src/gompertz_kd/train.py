@@ -30,7 +30,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from gompertz_kd.callbacks import RunTimer
 from gompertz_kd.config import ROOT_DIR, print_config_tree
+from gompertz_kd.data.sources import DATASETS
+from gompertz_kd.models import list_models
+from gompertz_kd.models.registry import TIMM_PREFIX
 from gompertz_kd.module import DistillationModule
+from gompertz_kd.objectives import SHARED, Need, Objective
 from gompertz_kd.teachers import provision_teacher
 
 __all__ = ["TrainingRun", "build_module", "train", "run_training"]
@@ -62,13 +66,14 @@ def run_training(cfg: DictConfig) -> TrainingRun:
     if cfg.get("print_config") and _is_global_zero():
         print_config_tree(cfg, save_to=output_dir / "config_tree.log")
 
-    # Bad values fail here, before data or models are touched.
-    check_config(cfg)
+    # Bad values fail here, before data or models are touched or a teacher is trained.
+    objective = check_config(cfg)
+    teacher_arch = cfg.model.get("teacher") if objective.terms else None
     data_cache = cfg.data.get("cache_dir") if cfg.data.get("source") == "folder" else None
     log.info(
         "Run directory %s; teacher cache %s; data %s; decoded-data cache %s",
         output_dir.resolve(),
-        Path(cfg.teacher.cache_dir).expanduser().resolve() if "teacher" in cfg else None,
+        Path(cfg.teacher.cache_dir).expanduser().resolve() if teacher_arch else None,
         Path(str(cfg.data.root)).expanduser().resolve(),
         Path(str(data_cache)).expanduser().resolve() if data_cache else None,
     )
@@ -76,15 +81,27 @@ def run_training(cfg: DictConfig) -> TrainingRun:
 
     log.info("Building data module <%s>", cfg.data._target_)
     datamodule = build(cfg.data)
+    num_train_samples = None
+    if Need.INDICES in objective.needs:
+        # a per-image memory (CRD): batches carry each image's index, the bank one slot per image
+        datamodule.with_indices = True
+        datamodule.setup("fit")
+        num_train_samples = datamodule.num_train_samples
     provision_start = time.time()
-    teacher_ckpt = provision_teacher(cfg)
+    teacher_ckpt = provision_teacher(cfg) if teacher_arch else None
     # A teacher trained just now is the cache's cost, not this run's: kept out of its wall time.
     teacher_provision_s = time.time() - provision_start
     # Seed again: training a teacher just now must not change this run's initialisation.
     L.seed_everything(cfg.seed, workers=True)
 
     log.info("Building model <%s>", cfg.model._target_)
-    module = build_module(cfg, num_classes=datamodule.num_classes, teacher_ckpt=teacher_ckpt)
+    module = build_module(
+        cfg,
+        num_classes=datamodule.num_classes,
+        teacher_ckpt=teacher_ckpt,
+        objective=objective,
+        num_train_samples=num_train_samples,
+    )
     if cfg.get("compile"):
         module.compile_networks()
     callbacks = _instantiate_group(cfg.get("callbacks"))
@@ -110,20 +127,61 @@ def run_training(cfg: DictConfig) -> TrainingRun:
 
 
 def build_module(
-    cfg: DictConfig, num_classes: int, teacher_ckpt: str | None
+    cfg: DictConfig,
+    num_classes: int,
+    teacher_ckpt: str | None,
+    objective: Objective | None = None,
+    num_train_samples: int | None = None,
 ) -> DistillationModule:
-    """The DistillationModule of ``cfg`` for a data set of ``num_classes`` classes."""
-    return build(cfg.model, num_classes=num_classes, teacher_ckpt=teacher_ckpt, _convert_="all")
+    """The DistillationModule of ``cfg`` for a data set of ``num_classes`` classes, training on
+    ``objective`` (default: built from ``cfg.method``). A method without terms trains the student
+    alone: no teacher is built."""
+    if objective is None:
+        objective = build_objective(cfg)
+    return build(
+        cfg.model,
+        num_classes=num_classes,
+        teacher_ckpt=teacher_ckpt,
+        objective=objective,
+        num_train_samples=num_train_samples,
+        teacher=cfg.model.get("teacher") if objective.terms else None,
+        _convert_="all",
+    )
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Reject values no run can use, naming the field: the schedule's parameters (checked by the
-    schedule itself), learning rates, epoch counts and batch sizes.
+def build_objective(cfg: DictConfig) -> Objective:
+    """The :class:`~gompertz_kd.objectives.Objective` of ``cfg.method`` (its terms unbound)."""
+    return build(cfg.method, _convert_="all")
+
+
+def check_config(cfg: DictConfig) -> Objective:
+    """Reject values no run can use, naming the field, before any data is read or a teacher is
+    trained: model and data set names, the method (its terms, scales and schedules, checked as it
+    is built) and the shared schedule's parameters, learning rates, epoch counts, batch sizes.
+
+    Returns:
+        The run's objective, built (its terms not yet bound to networks).
 
     Raises:
         ValueError: ``<field>=<value>`` and what it must be.
     """
     build(cfg.schedule)
+    for role in ("student", "teacher"):
+        name = cfg.model.get(role)
+        if name is not None:
+            check_model_name(str(name), f"model.{role}")
+    dataset = cfg.data.get("dataset")
+    if dataset not in DATASETS:
+        raise ValueError(
+            f"data.dataset={dataset!r} is not one of {', '.join(DATASETS)}; use data=cifar10 or data=cifar100"
+        )
+    objective = build_objective(cfg)
+    if objective.terms and not cfg.model.get("teacher"):
+        raise ValueError(
+            f"method terms {objective.names} distil from a teacher but model.teacher is null; "
+            "set model.teacher=<name>, or method=student to train the student alone"
+        )
+    _check_shared_schedule_used(cfg, objective)
     problems = []
     lr = cfg.model.get("lr")
     if lr is not None and not lr > 0:
@@ -133,7 +191,7 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"trainer.max_epochs={epochs} must be >= 1 (or set trainer.max_steps > 0)")
     if not cfg.data.get("batch_size", 1) >= 1:
         problems.append(f"data.batch_size={cfg.data.batch_size} must be >= 1")
-    recipe = cfg.get("teacher", {}).get("recipe") if cfg.model.get("teacher") else None
+    recipe = cfg.get("teacher", {}).get("recipe") if objective.terms else None
     if recipe is not None:
         if not recipe.lr > 0:
             problems.append(f"teacher.recipe.lr={recipe.lr} must be > 0")
@@ -144,6 +202,49 @@ def check_config(cfg: DictConfig) -> None:
     problems += _device_problems(cfg.trainer)
     if problems:
         raise ValueError("invalid configuration: " + "; ".join(problems))
+    return objective
+
+
+def _check_shared_schedule_used(cfg: DictConfig, objective: Objective) -> None:
+    """A command line that sets the shared ``schedule`` for a method none of whose terms follow
+    it would change nothing: say so instead of running."""
+    overrides = [o.lstrip("+~") for o in _task_overrides()]
+    touched = [o for o in overrides if o.split("=", 1)[0].split(".")[0] == "schedule"]
+    if HydraConfig.initialized():
+        params = HydraConfig.get().sweeper.get("params") or {}
+        touched += [k for k in params if str(k).split(".")[0] == "schedule"]
+    if not touched or not objective.terms:
+        return
+    shared = [
+        name
+        for name, term in (cfg.method.get("terms") or {}).items()
+        if name in objective.terms and term.get("schedule") in (None, SHARED)
+    ]
+    if not shared:
+        raise ValueError(
+            f"{touched[0]} sets the shared schedule, but no term of this method follows it "
+            f"(each of {objective.names} has its own); set a term's schedule instead, e.g. "
+            f"method.terms.{objective.names[0]}.schedule=gompertz, or make it follow the shared "
+            f"one with method.terms.{objective.names[0]}.schedule=shared"
+        )
+
+
+def check_model_name(name: str, field: str) -> None:
+    """Raise ``ValueError`` naming ``field`` unless ``name`` is a zoo model or a known
+    ``timm/<name>``, without building anything."""
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        if timm.is_model(name[len(TIMM_PREFIX) :]):
+            return
+        raise ValueError(
+            f"{field}={name}: timm has no model {name[len(TIMM_PREFIX) :]!r} (timm.list_models() lists them)"
+        )
+    if name not in list_models():
+        raise ValueError(
+            f"{field}={name}: unknown model {name!r}; valid zoo names: {', '.join(list_models())}; "
+            f"or '{TIMM_PREFIX}<name>' for any timm model"
+        )
 
 
 def _device_problems(trainer: DictConfig) -> list[str]:
@@ -201,7 +302,7 @@ def _collect_results(
         "overrides": _task_overrides(),
         "seed": int(cfg.seed),
         "dataset": cfg.data.dataset,
-        "teacher": cfg.model.get("teacher"),
+        "teacher": module.hparams.get("teacher"),
         "student": cfg.model.student,
         "test": final,
         "best": best,

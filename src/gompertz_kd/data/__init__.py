@@ -3,7 +3,8 @@
 ``CIFARDataModule("cifar100", root="data")`` reads the official archive (downloading it if
 allowed); ``CIFARDataModule("cifar10", root="data/cifar10-jpeg", source="folder")`` reads an
 image-folder copy. Either way ``trainer.fit(module, datamodule=dm)`` hands ``training_step``
-float32 ``(N, 3, 32, 32)`` normalised images and int64 ``(N,)`` labels.
+float32 ``(N, 3, 32, 32)`` normalised images and int64 ``(N,)`` labels, and with
+``with_indices=True`` also int64 ``(N,)`` indices of the images in the training set.
 """
 
 from gompertz_kd.data.datamodule import SOURCES, CIFARDataModule, stratified_holdout

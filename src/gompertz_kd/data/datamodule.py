@@ -44,7 +44,8 @@ class CIFARDataModule(L.LightningDataModule):
     """CIFAR-10 or CIFAR-100, augmented and normalised, for Lightning.
 
     Every dataloader yields ``(images, labels)``: float32 ``(N, 3, 32, 32)`` normalised with the
-    data set's own mean and std, and int64 ``(N,)`` class indices in CIFAR's canonical order.
+    data set's own mean and std, and int64 ``(N,)`` class indices in CIFAR's canonical order. With
+    ``with_indices`` the training loader yields ``(images, labels, indices)`` instead.
 
     Args:
         dataset: ``"cifar10"`` or ``"cifar100"``.
@@ -79,6 +80,12 @@ class CIFARDataModule(L.LightningDataModule):
         cache_dir: ``source="folder"``: where the decoded images are cached (one ``.npz`` per
             split, rebuilt when a file changes); ``None`` decodes the folder on every load.
             Nothing is written beside the data.
+        with_indices: training batches also carry int64 ``(N,)`` ``indices`` (on the labels'
+            device): each image's position in the training set, ``0 .. num_train_samples - 1``
+            after the ``val_split`` hold-out, fixed per image whatever the epoch, order,
+            augmentation, ``num_workers``, rank or resume (for losses that keep per-sample state,
+            such as CRD's memory bank). Validation and test batches stay ``(images, labels)``.
+            May also be set as an attribute, before the trainer asks for the training loader.
 
     Under DDP each rank takes a disjoint shard of every epoch: the DataModule passes a
     ``DistributedSampler`` itself (so Lightning injects none), which shuffles with ``seed + epoch``
@@ -110,6 +117,7 @@ class CIFARDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
         download: bool = True,
         cache_dir: str | os.PathLike | None = None,
+        with_indices: bool = False,
     ) -> None:
         super().__init__()
         _check_choice("dataset", dataset, DATASETS)
@@ -142,6 +150,7 @@ class CIFARDataModule(L.LightningDataModule):
         self.seed = seed
         self.pin_memory = pin_memory
         self.download = download
+        self.with_indices = with_indices
         self.train_arrays: ImageArrays | None = None
         self.val_arrays: ImageArrays | None = None
         self.test_arrays: ImageArrays | None = None
@@ -164,6 +173,35 @@ class CIFARDataModule(L.LightningDataModule):
         return MEAN_STD[self.dataset][1]
 
     @property
+    def with_indices(self) -> bool:
+        return self._with_indices
+
+    @with_indices.setter
+    def with_indices(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"with_indices must be True or False, got {value!r}")
+        self._with_indices = value
+        # set after construction too (by the training code): checkpoints and logs say what ran
+        self.hparams["with_indices"] = value
+
+    @property
+    def num_train_samples(self) -> int:
+        """Images in the training set this module trains on: the training split less the
+        ``val_split`` held out (the range of ``indices`` with ``with_indices``).
+
+        Raises:
+            RuntimeError: before :meth:`setup` has loaded the training split (``setup("fit")``,
+                or ``setup()``); counting without loading could disagree with what is loaded.
+        """
+        if self.train_arrays is None:
+            raise RuntimeError(
+                "num_train_samples is known once the training split is loaded: call "
+                "prepare_data() and setup('fit') first (trainer.fit calls setup again, which "
+                "then keeps what is loaded)"
+            )
+        return len(self.train_arrays)
+
+    @property
     def uses_tensor_path(self) -> bool:
         """Whether batches come from the tensor path (``on_device`` resolved)."""
         if self.on_device is not None:
@@ -182,7 +220,11 @@ class CIFARDataModule(L.LightningDataModule):
             check_folder(self.dataset, self.root)
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the splits ``stage`` needs into memory (all of them for ``None``)."""
+        """Load the splits ``stage`` needs into memory (all of them for ``None``).
+
+        Idempotent: a split already loaded is kept, so calling it before ``trainer.fit`` (which
+        calls it again) loads nothing twice and yields the same splits and hold-out. The data
+        must be in place by then: call :meth:`prepare_data` first if it may need downloading."""
         if stage in (None, "fit", "validate") and self.val_arrays is None:
             if self.val_split:
                 train = self._load("train")
@@ -243,6 +285,7 @@ class CIFARDataModule(L.LightningDataModule):
     def _loader(self, arrays: ImageArrays, train: bool):
         rank, world_size, device = self._placement()
         sampler: DistributedSampler
+        with_indices = train and self.with_indices
         if train:
             sampler = EpochSampler(
                 arrays, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed,
@@ -261,8 +304,9 @@ class CIFARDataModule(L.LightningDataModule):
             transform = batch_transform(self.dataset, augment)
             consumed = self._consumed_train_batches if train else None
             return TensorBatchLoader(
-                arrays, batch_size, transform, sampler, seed, device, drop_last, consumed
-            )
+                arrays, batch_size, transform, sampler, seed, device, drop_last,
+                consumed_batches=consumed, with_indices=with_indices,
+            )  # fmt: skip
         pin_memory = device.type == "cuda" if self.pin_memory is None else self.pin_memory
         loader_args = dict(
             batch_size=batch_size,
@@ -274,7 +318,7 @@ class CIFARDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(seed),
         )
-        dataset = ImageDataset(arrays, image_transform(self.dataset, augment), seed)
+        dataset = ImageDataset(arrays, image_transform(self.dataset, augment), seed, with_indices)
         if train:
             return ResumableDataLoader(
                 dataset, consumed_batches=self._consumed_train_batches, **loader_args

@@ -9,7 +9,8 @@
 Both take their indices from a ``DistributedSampler`` (rank ``r`` of ``w`` gets every ``w``-th
 index of a permutation seeded by ``seed + epoch``, the same on every rank), so the two paths visit
 the images in the same order, and Lightning, which sees a ``DistributedSampler`` already in place,
-injects none of its own.
+injects none of its own. With ``with_indices=True`` both also yield those sampler indices, each
+image's position in the split, as a third element of every batch (what CRD's memory bank keys on).
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class EpochSampler(DistributedSampler):
 
 
 class ImageDataset(Dataset):
-    """One split with a per-image transform: ``dataset[i] = (transform(images[i]), labels[i])``.
+    """One split with a per-image transform: ``dataset[i] = (transform(images[i]), labels[i])``,
+    or ``(transform(images[i]), labels[i], i)`` (``i`` an int64 0-d tensor) with ``with_indices``.
 
     The DataLoader fetches a batch at a time through ``__getitems__``. Keys tagged by
     :class:`EpochSampler` (``tag=True``), ``(epoch, position, index)``, seed the batch's random
@@ -89,20 +91,25 @@ class ImageDataset(Dataset):
     swapped in around each batch, the global RNG untouched) or from the worker's RNG in a worker.
     """
 
-    def __init__(self, arrays: ImageArrays, transform, seed: int = 0) -> None:
+    def __init__(
+        self, arrays: ImageArrays, transform, seed: int = 0, with_indices: bool = False
+    ) -> None:
         self.arrays = arrays
         self.transform = transform
         self.seed = seed
+        self.with_indices = with_indices
         self._rng_state = torch.Generator().manual_seed(seed).get_state()
 
     def __len__(self) -> int:
         return len(self.arrays)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        image = self.transform(self.arrays.images[index])
-        return image.as_subclass(Tensor), self.arrays.labels[index]
+    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
+        image = self.transform(self.arrays.images[index]).as_subclass(Tensor)
+        if self.with_indices:
+            return image, self.arrays.labels[index], torch.as_tensor(index, dtype=torch.int64)
+        return image, self.arrays.labels[index]
 
-    def __getitems__(self, keys: Sequence[Any]) -> list[tuple[Tensor, Tensor]]:
+    def __getitems__(self, keys: Sequence[Any]) -> list[tuple[Tensor, ...]]:
         if keys and isinstance(keys[0], tuple):
             epoch, position, _ = keys[0]
             with torch.random.fork_rng(devices=[]):
@@ -156,14 +163,15 @@ class ResumableDataLoader(DataLoader):
         self.sampler.resume(int(state_dict["epoch"]), batches * self.batch_size)
 
 
-def collate(samples: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """Stack ``(image, label)`` pairs into the tuple :class:`TensorBatchLoader` yields."""
-    images, labels = zip(*samples, strict=True)
-    return torch.stack(images), torch.stack(labels)
+def collate(samples: Sequence[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+    """Stack ``(image, label)`` pairs, or ``(image, label, index)`` triples, into the tuple
+    :class:`TensorBatchLoader` yields."""
+    return tuple(torch.stack(column) for column in zip(*samples, strict=True))
 
 
 class TensorBatchLoader:
-    """Finished batches ``(float32 (B, 3, H, W) normalised, int64 (B,))`` on ``device``.
+    """Finished batches ``(float32 (B, 3, H, W) normalised, int64 (B,))`` on ``device``, or
+    ``(images, labels, indices)`` with ``with_indices``.
 
     Args:
         arrays: the split; its tensors are copied to ``device`` once.
@@ -176,6 +184,8 @@ class TensorBatchLoader:
             each pass) also seeds the augmentation, with ``seed``.
         seed: seed of the augmentation draws (mix the rank in, so ranks draw differently).
         device: where the split lives and batches are made.
+        with_indices: also yield each image's position in ``arrays``, int64 ``(B,)`` on
+            ``device`` (the sampler's indices, so fixed per image whatever the order or rank).
 
     The augmentation of a pass is a function of ``(seed, sampler.epoch)`` alone, so an epoch is
     reproduced exactly, also after resuming.
@@ -196,6 +206,7 @@ class TensorBatchLoader:
         device: torch.device | str = "cpu",
         drop_last: bool = False,
         consumed_batches: Callable[[], int] | None = None,
+        with_indices: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.drop_last = drop_last
@@ -208,13 +219,14 @@ class TensorBatchLoader:
         self.transform = transform
         self.sampler = sampler
         self.seed = seed
+        self.with_indices = with_indices
 
     def __len__(self) -> int:
         if self.drop_last:
             return len(self.sampler) // self.batch_size
         return math.ceil(len(self.sampler) / self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         # the sampler moves its own epoch on once iterated: remember the one this pass uses
         epoch = self._epoch = self.sampler.epoch
         skip = 0
@@ -231,7 +243,7 @@ class TensorBatchLoader:
                 # generator advances exactly as it did) but not yielded
                 batch = self.transform(self.images[index], generator), self.labels[index]
             if number >= skip:
-                yield batch
+                yield (*batch, index) if self.with_indices else batch
 
     def state_dict(self) -> dict[str, int]:
         """Where training is in this epoch: ``{"epoch", "batches"}`` (batches already trained on).

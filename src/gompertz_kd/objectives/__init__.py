@@ -1,0 +1,46 @@
+"""Distillation objectives: cross-entropy plus named terms, each with a scale and a schedule.
+
+    from gompertz_kd.objectives import DKD, Objective
+    objective = Objective({"dkd": {"term": DKD(), "scale": 1.0, "schedule": "linear(t0=0.083)"}})
+
+One file per method; each term declares what it needs from a step (:class:`Need`) and returns one
+scalar. ``conf/method/<name>.yaml`` holds each method's published defaults.
+"""
+
+from gompertz_kd.objectives.at import AT
+from gompertz_kd.objectives.base import Need, Networks, Step, Term
+from gompertz_kd.objectives.crd import CRD
+from gompertz_kd.objectives.ctkd import CTKD
+from gompertz_kd.objectives.dist import DIST
+from gompertz_kd.objectives.dkd import DKD
+from gompertz_kd.objectives.fitnet import FitNet
+from gompertz_kd.objectives.gradient_matching import GradientMatching
+from gompertz_kd.objectives.kd import KD
+from gompertz_kd.objectives.objective import MIXINGS, SHARED, Objective, gompertz_cnn
+from gompertz_kd.objectives.reviewkd import ReviewKD
+from gompertz_kd.objectives.rkd import RKD
+from gompertz_kd.objectives.wasserstein import Wasserstein
+from gompertz_kd.objectives.wkd import WKDL
+
+__all__ = [
+    "AT",
+    "CRD",
+    "CTKD",
+    "DIST",
+    "DKD",
+    "KD",
+    "MIXINGS",
+    "RKD",
+    "SHARED",
+    "WKDL",
+    "FitNet",
+    "GradientMatching",
+    "Need",
+    "Networks",
+    "Objective",
+    "ReviewKD",
+    "Step",
+    "Term",
+    "Wasserstein",
+    "gompertz_cnn",
+]

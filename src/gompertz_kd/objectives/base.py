@@ -1,0 +1,132 @@
+"""The contract between a distillation method and the training step.
+
+A *term* is an ``nn.Module`` that turns what one training step computed into one scalar loss:
+
+    class MyTerm(Term):
+        needs = frozenset({Need.LOGITS})            # what it reads from the step
+        def forward(self, step: Step) -> Tensor:     # one unweighted scalar
+            return my_loss(step.student.logits, step.teacher.logits)
+
+Trainable parts (projectors, regressors, memory banks, a learnable temperature) are submodules,
+built in :meth:`Term.bind` once the networks are known, so the optimiser and checkpoints find them
+with no special case. Terms know nothing of epochs or weights: the
+:class:`~gompertz_kd.objectives.Objective` gives each term a scale and a schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import torch
+from torch import Tensor, nn
+
+from gompertz_kd.models import StageOutput, feature_shapes
+
+__all__ = ["Need", "Networks", "Step", "Term"]
+
+
+class Need(StrEnum):
+    """What a term reads from a training step. The step computes only what some term needs:
+    the teacher runs only if a term is on, its input gradient only for ``INPUT_GRAD``, and the
+    data module yields sample indices only for ``INDICES``."""
+
+    LOGITS = "logits"  # student and teacher logits (N, K)
+    FEATURES = "features"  # stage feature maps of both networks, shallow to deep
+    POOLED = "pooled"  # pooled embeddings (N, D) of both networks
+    TARGETS = "targets"  # true class indices (N,)
+    INPUT_GRAD = "input_grad"  # the teacher's input gradient; the images carry autograd
+    INDICES = "indices"  # each image's index in the training set (N,)
+    PROGRESS = "progress"  # training progress in [0, 1] and the step number
+
+
+@dataclass
+class Step:
+    """What one training step hands every term.
+
+    Attributes:
+        student: the student's :class:`~gompertz_kd.models.StageOutput` (with autograd).
+        teacher: the teacher's, detached (fp32), or ``None`` when no term is on.
+        images: ``(N, 3, H, W)`` the batch as the networks saw it; it requires grad when a term
+            needs ``INPUT_GRAD`` (the student's input gradient is built from it).
+        targets: ``(N,)`` class indices.
+        indices: ``(N,)`` training-set indices, or ``None`` unless a term needs them.
+        teacher_input_grad: ``(N, 3, H, W)`` gradient of the teacher's true-class cross-entropy
+            w.r.t. the images, or ``None`` unless a term needs it.
+        progress: training progress in ``[0, 1]``.
+        step: the optimiser step (``None`` outside training).
+    """
+
+    student: StageOutput
+    teacher: StageOutput | None
+    images: Tensor
+    targets: Tensor
+    indices: Tensor | None = None
+    teacher_input_grad: Tensor | None = None
+    progress: float = 0.0
+    step: int | None = None
+
+
+@dataclass
+class Networks:
+    """What a term may know of the networks when it builds its trainable parts.
+
+    Attributes:
+        student, teacher: the built networks (the teacher frozen).
+        num_classes: classes of the data set.
+        num_train_samples: images in the training set (memory banks), ``None`` when unknown.
+    """
+
+    student: nn.Module
+    teacher: nn.Module
+    num_classes: int
+    num_train_samples: int | None = None
+    _shapes: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict, repr=False)
+
+    def feature_shapes(self, role: str) -> list[tuple[int, int, int]]:
+        """``(C, H, W)`` of each stage map of ``"student"`` or ``"teacher"`` for a 32x32 image."""
+        if role not in self._shapes:
+            self._shapes[role] = feature_shapes(getattr(self, role))
+        return self._shapes[role]
+
+    def pooled_dim(self, role: str) -> int:
+        """Width ``D`` of the pooled embedding of ``"student"`` or ``"teacher"``."""
+        key = f"{role}_pooled"
+        if key not in self._shapes:
+            self._shapes[key] = [(_pooled_width(getattr(self, role)), 1, 1)]
+        return self._shapes[key][0][0]
+
+
+def _pooled_width(model: nn.Module) -> int:
+    """``D`` of ``model.forward_stages(x).pooled`` for one 32x32 image (eval mode, no grad)."""
+    parameter = next(model.parameters(), torch.empty(0))
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            return int(model.forward_stages(parameter.new_zeros(1, 3, 32, 32)).pooled.shape[1])
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class Term(nn.Module):
+    """A distillation loss term: declares :attr:`needs`, returns one unweighted scalar.
+
+    Subclasses set ``needs`` and implement :meth:`forward`; those with trainable or stateful parts
+    build them in :meth:`bind`, which the module calls once, after building the networks and
+    before the optimiser or a checkpoint sees the parameters.
+    """
+
+    needs: frozenset[Need] = frozenset({Need.LOGITS})
+
+    def bind(self, networks: Networks) -> None:
+        """Build the parts that depend on the networks' shapes (default: nothing)."""
+
+    def forward(self, step: Step) -> Tensor:
+        raise NotImplementedError
+
+    def extra_metrics(self) -> dict[str, Tensor]:
+        """Values worth logging besides the loss (e.g. a learned temperature), by short name;
+        logged as ``train/<term>/<name>``."""
+        return {}

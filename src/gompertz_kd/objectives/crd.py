@@ -1,0 +1,90 @@
+"""CRD: Tian et al., "Contrastive Representation Distillation" (ICLR 2020); reference
+HobbitLong/RepDistiller ``crd/criterion.py``, ``crd/memory.py``.
+
+Benchmark defaults: 128-d embeddings (a linear layer + L2 normalisation on each network's pooled
+embedding), K = 16384 negatives drawn uniformly from a momentum (0.5) memory bank with one slot
+per training image, NCE temperature 0.07, weight 0.8, CE 1. It needs each image's training-set
+index (the data module yields it when a term asks) and the size of the training set.
+
+Choice: the reference draws the negatives in its data loader with numpy's global RNG; here they are
+drawn in the term from a generator seeded by ``(seed, step)``, so a resumed run draws exactly the
+negatives it would have drawn (the banks and the NCE normalisers are buffers, in checkpoints).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gompertz_kd import losses
+from gompertz_kd.objectives.base import Need, Networks, Step, Term
+
+__all__ = ["CRD"]
+
+
+class CRD(Term):
+    """NCE between student and teacher embeddings against a memory bank of negatives.
+
+    Args:
+        feature_dim: width of the contrastive embeddings.
+        num_negatives: ``K`` negatives per image.
+        temperature: NCE temperature.
+        momentum: memory-bank momentum.
+        seed: seed of the negatives' draw (mixed with the step number).
+    """
+
+    needs = frozenset({Need.POOLED, Need.INDICES, Need.PROGRESS})
+
+    def __init__(
+        self,
+        feature_dim: int = 128,
+        num_negatives: int = 16384,
+        temperature: float = 0.07,
+        momentum: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not num_negatives >= 1:
+            raise ValueError(f"num_negatives must be >= 1, got num_negatives={num_negatives}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got temperature={temperature}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got momentum={momentum}")
+        self.feature_dim = int(feature_dim)
+        self.num_negatives = int(num_negatives)
+        self.temperature = float(temperature)
+        self.momentum = float(momentum)
+        self.seed = int(seed)
+        self.num_data: int | None = None
+
+    def bind(self, networks: Networks) -> None:
+        if networks.num_train_samples is None:
+            raise ValueError(
+                "CRD keeps one memory slot per training image, so it needs the training set's size: "
+                "pass num_train_samples= to DistillationModule (the training command passes the data "
+                "module's)"
+            )
+        self.num_data = int(networks.num_train_samples)
+        self.embed_s = losses.Embed(networks.pooled_dim("student"), self.feature_dim)
+        self.embed_t = losses.Embed(networks.pooled_dim("teacher"), self.feature_dim)
+        self.memory = losses.ContrastMemory(
+            self.feature_dim, self.num_data, self.num_negatives, self.temperature, self.momentum
+        )
+
+    def negatives(self, batch_size: int, step: int | None, device: torch.device) -> Tensor:
+        """``(N, K)`` bank indices drawn uniformly, the same for the same ``(seed, step)``."""
+        generator = torch.Generator(device=device).manual_seed(
+            self.seed * 1_000_003 + (step or 0)
+        )
+        return torch.randint(
+            0, self.num_data, (batch_size, self.num_negatives), generator=generator, device=device
+        )
+
+    def forward(self, step: Step) -> Tensor:
+        embedding_s = self.embed_s(step.student.pooled)
+        embedding_t = self.embed_t(step.teacher.pooled)
+        negatives = self.negatives(embedding_s.shape[0], step.step, embedding_s.device)
+        scores_s, scores_t = self.memory(embedding_s, embedding_t, step.indices, negatives)
+        return losses.crd_nce_loss(scores_s, self.num_data) + losses.crd_nce_loss(
+            scores_t, self.num_data
+        )
