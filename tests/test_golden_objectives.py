@@ -93,8 +93,10 @@ def test_experiment_objective_reproduces_its_recorded_values(experiment):
     expected = json.loads(GOLDEN.read_text())[experiment]
     got = _values(experiment, EXPERIMENTS[experiment])
     assert set(got) == set(expected)
+    # The thread count alone moves the small KD loss of the random ResNet50 by up to ~1e-4 of
+    # itself (float rounding in the teacher's reductions); a changed formula moves it far more.
     for name, value in expected.items():
-        assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+        assert got[name] == pytest.approx(value, rel=5e-4, abs=1e-7), name
 
 
 if __name__ == "__main__" and "--record" in sys.argv:

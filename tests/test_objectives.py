@@ -36,7 +36,7 @@ PUBLISHED = {
     "crd": {"crd": 0.8},
     "reviewkd": {"reviewkd": 1.0},
     "ctkd": {"ctkd": 0.9},
-    "wkdl": {"wkdl": 1.0},
+    "wkdl": {"wkdl": 800.0, "wkdt": 1.0},
 }
 PAIRS = {"resnet20_resnet8": 10, "resnet50_mbv2": 100}
 
@@ -143,7 +143,8 @@ def test_every_term_follows_any_schedule(schedule):
     """The weight each term trains with, and logs, is scale * schedule(progress)."""
     objective = every_term_under(schedule)
     assert set(objective.names) == {
-        "kd", "dkd", "dist", "fitnet", "at", "rkd", "crd", "reviewkd", "ctkd", "wkdl", "wd", "gm"
+        "kd", "dkd", "dist", "fitnet", "at", "rkd", "crd", "reviewkd", "ctkd", "wkdl", "wkdt", "wd",
+        "gm",
     }  # fmt: skip
     module = DistillationModule(
         "resnet8", "resnet20", 10, objective=objective, num_train_samples=12

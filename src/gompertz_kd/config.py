@@ -51,6 +51,7 @@ class CosineSchema:
     _target_: str = "gompertz_kd.schedules.CosineDecay"
     w_max: float = MISSING
     w_min: float = MISSING
+    start: float = 0.0
 
 
 @dataclass

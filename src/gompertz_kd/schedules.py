@@ -201,19 +201,23 @@ class LinearWarmup:
 
 @dataclass(frozen=True)
 class CosineDecay:
-    """WKD-style cosine decay from ``w_max`` at ``t = 0`` to ``w_min`` at ``t = 1``:
-    ``w_min + (w_max - w_min) * (1 + cos(pi * t)) / 2``."""
+    """WKD-style cosine decay from ``w_max`` to ``w_min`` at ``t = 1``, starting at ``start``:
+    ``w_max`` until ``start``, then ``w_min + (w_max - w_min) * (1 + cos(pi * s)) / 2`` with
+    ``s = (t - start) / (1 - start)``."""
 
     w_max: float = 1.0
     w_min: float = 0.0
+    start: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.w_min >= 0, "w_min", self.w_min, ">= 0")
         _require(self.w_max >= self.w_min, "w_max", self.w_max, f">= w_min ({self.w_min})")
+        _require(0 <= self.start < 1, "start", self.start, "in [0, 1)")
 
     def __call__(self, progress: float) -> float:
         check_progress(progress)
-        return self.w_min + (self.w_max - self.w_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        s = max(progress - self.start, 0.0) / (1.0 - self.start)
+        return self.w_min + (self.w_max - self.w_min) * 0.5 * (1.0 + math.cos(math.pi * s))
 
     @property
     def peak(self) -> float:

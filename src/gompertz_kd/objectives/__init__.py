@@ -20,7 +20,7 @@ from gompertz_kd.objectives.objective import MIXINGS, SHARED, Objective, gompert
 from gompertz_kd.objectives.reviewkd import ReviewKD
 from gompertz_kd.objectives.rkd import RKD
 from gompertz_kd.objectives.wasserstein import Wasserstein
-from gompertz_kd.objectives.wkd import WKDL
+from gompertz_kd.objectives.wkd import WKDL, WKDTarget
 
 __all__ = [
     "AT",
@@ -41,6 +41,7 @@ __all__ = [
     "ReviewKD",
     "Step",
     "Term",
+    "WKDTarget",
     "Wasserstein",
     "gompertz_cnn",
 ]

@@ -6,9 +6,11 @@ embedding), K = 16384 negatives drawn uniformly from a momentum (0.5) memory ban
 per training image, NCE temperature 0.07, weight 0.8, CE 1. It needs each image's training-set
 index (the data module yields it when a term asks) and the size of the training set.
 
-Choice: the reference draws the negatives in its data loader with numpy's global RNG; here they are
-drawn in the term from a generator seeded by ``(seed, step)``, so a resumed run draws exactly the
-negatives it would have drawn (the banks and the NCE normalisers are buffers, in checkpoints).
+Choices: the reference draws the negatives in its data loader with numpy's global RNG, from the
+images of the *other* classes (``mode='exact'``); here they are drawn uniformly over the whole
+training set (the noise distribution of the CRD paper's NCE; about 1/K of them share the anchor's
+class) from a generator seeded by ``(seed, step)``, so a resumed run draws exactly the negatives it
+would have drawn (the banks and the NCE normalisers are buffers, in checkpoints).
 """
 
 from __future__ import annotations

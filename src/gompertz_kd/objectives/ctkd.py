@@ -23,8 +23,9 @@ class CTKD(Term):
 
     Args:
         lambda_schedule: the reversal strength over progress (a schedule spec).
-        t_start, t_range: the temperature is ``t_start + t_range * sigmoid(raw)``.
-        init: initial value of the raw parameter.
+        t_start, t_range: the temperature is ``t_start + t_range * sigmoid(raw)`` (reference:
+            1 and 20).
+        init: initial value of the raw parameter (reference: 1, i.e. T = 15.6 at the start).
         standardize: z-score both logits per sample first (Sun et al., CVPR 2024).
     """
 
@@ -35,7 +36,7 @@ class CTKD(Term):
         lambda_schedule: object = "cosine",
         t_start: float = 1.0,
         t_range: float = 20.0,
-        init: float = 0.0,
+        init: float = 1.0,
         standardize: bool = False,
     ) -> None:
         super().__init__()

@@ -24,14 +24,15 @@ class ReviewKD(Term):
     """Hierarchical context loss between ABF-fused student maps and the teacher's maps.
 
     Args:
-        mid_channel: width of the fusion's hidden maps (the reference: 256 on CIFAR).
+        mid_channel: width of the fusion's hidden maps; ``None`` takes the reference's
+            ``min(512, width of the student's deepest level)``.
     """
 
     needs = frozenset({Need.FEATURES, Need.POOLED})
 
-    def __init__(self, mid_channel: int = 256) -> None:
+    def __init__(self, mid_channel: int | None = None) -> None:
         super().__init__()
-        self.mid_channel = int(mid_channel)
+        self.mid_channel = mid_channel
         self.pairs: list[tuple[int, int]] = []
 
     @staticmethod
@@ -45,7 +46,7 @@ class ReviewKD(Term):
         self.fusion = losses.ReviewFusion(
             student_channels=[shapes_s[s][0] for s, _ in self.pairs],
             teacher_channels=[shapes_t[t][0] for _, t in self.pairs],
-            mid_channel=self.mid_channel,
+            mid_channel=self.mid_channel or min(512, shapes_s[self.pairs[-1][0]][0]),
             spatial_sizes=[shapes_t[t][1] for _, t in self.pairs],
         )
 
