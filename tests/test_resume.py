@@ -189,3 +189,32 @@ def test_rerunning_the_same_config_writes_a_new_directory(tiny_c10, cache, tmp_p
         assert done.returncode == 0, done.stderr[-2000:]
     runs = sorted(p.parent for p in (tmp_path / "logs").glob("train/runs/*/results.json"))
     assert len(runs) == 2 and runs[0] != runs[1]
+
+
+@pytest.mark.parametrize("method", ["crd", "fitnet"])
+def test_method_with_trainable_parts_resumes_mid_epoch_exactly(tiny_c10, cache, tmp_path, method):
+    """CRD's memory bank and NCE normalisers, FitNet's regressor: all in the checkpoint, so a run
+    stopped mid-epoch resumes to the uninterrupted run's weights, bit for bit."""
+    extra = [f"method={method}"]
+
+    def overrides_for(out):
+        return [o for o in overrides(tiny_c10, out, cache) if not o.startswith("method=")]
+
+    if method == "crd":
+        extra.append("method.terms.crd.term.num_negatives=256")  # small bank draws, fast
+    full_dir, run_dir = tmp_path / "full", tmp_path / "interrupted"
+    full = run_training(compose_cfg([*overrides_for(full_dir), *extra]))
+    killer = [
+        "+callbacks.kill._target_=helpers.SendSignalAt",
+        f"+callbacks.kill.step={STEPS_PER_EPOCH + 2}",
+    ]
+    with pytest.raises(RunInterrupted):
+        run_training(compose_cfg([*overrides_for(run_dir), *extra, *killer]))
+    resumed = run_training(compose_cfg([*overrides_for(run_dir), *extra, "ckpt_path=last"]))
+    want, got = full.module.state_dict(), resumed.module.state_dict()
+    assert any(k.startswith(f"objective.terms.{method}.") for k in want)
+    assert set(want) == set(got)
+    assert all(torch.equal(want[k], got[k]) for k in want), [
+        k for k in want if not torch.equal(want[k], got[k])
+    ]
+    assert logged(run_dir, f"train/loss_{method}") == logged(full_dir, f"train/loss_{method}")
