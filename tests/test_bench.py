@@ -1,3 +1,4 @@
+import math
 import subprocess
 import sys
 
@@ -6,6 +7,7 @@ import torch
 from torch import nn
 
 from gompertz_kd import bench, losses
+from gompertz_kd.config import CONFIG_DIR
 
 TINY = ["--teacher", "resnet14", "--student", "resnet8", "--num-classes", "10", "--batch", "4"]
 
@@ -53,6 +55,38 @@ def test_throughput_section_estimates_the_full_run(capsys):
     report = bench.main(argv + ["--epochs", "240", "--train-images", "50000"])
     assert "### End-to-end, batch 4" in report and "### End-to-end, batch 8" in report
     assert report.count("estimated full run (240 epochs × 50000 training") == 2
+
+
+def _methods_table(report):
+    """``{config cell: cells}`` of the methods table's rows."""
+    section = report.split("### Methods")[1]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "`method=" in line]
+    return {cells[1]: cells for cells in ([c.strip() for c in r.split("|")[1:-1]] for r in rows)}
+
+
+def test_methods_section_times_every_method_config_as_a_ratio_to_kd():
+    report = bench.main(TINY + ["--sections", "methods", "--repeats", "1", "--warmup", "0"])
+    table = _methods_table(report)
+    configs = {p.stem for p in (CONFIG_DIR / "method").glob("*.yaml")} - {"student"}
+    assert set(table) == {f"`method={m}`" for m in configs}
+    assert next(iter(table)) == "`method=kd`"  # the baseline first
+    assert float(table["`method=kd`"][5]) == 1.0
+    for config, cells in table.items():
+        step_ms, ratio = float(cells[3]), float(cells[5])
+        assert step_ms > 0 and math.isfinite(ratio) and ratio > 0, config
+    # CRD at its configured K, with a memory bank the size of the training set (50,000 images)
+    assert "K = 16384 negatives" in report
+    assert int(table["`method=crd`"][8].replace(",", "")) >= 2 * 50_000 * 128
+    assert int(table["`method=fitnet`"][7].replace(",", "")) > 0  # the regressor is counted
+    assert table["`method=kd`"][0] == "KD" and table["`method=wkdl`"][0] == "WKD-L"
+
+
+def test_methods_option_keeps_the_kd_baseline_and_rejects_unknown_methods(capsys):
+    assert bench.method_names(["dkd"]) == ["kd", "dkd"]
+    assert bench.method_names()[0] == "kd" and "student" not in bench.method_names()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--methods", "dkd,nosuch"])
+    assert "nosuch" in capsys.readouterr().err
 
 
 def test_round_robin_visits_every_case_in_turn_and_keeps_the_repeats():

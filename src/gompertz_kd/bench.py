@@ -742,6 +742,16 @@ class MethodRow:
     buffers: int  # its other state (CRD's memory banks)
 
 
+@dataclass
+class MethodsResult:
+    """The methods section: a row per method (the baseline first), footnotes (markdown
+    bullets) on what dominates a method's cost, and the model options every method ran with."""
+
+    rows: list[MethodRow]
+    footnotes: list[str]
+    model_options: dict[str, Any]
+
+
 def methods_section(
     setup: Setup,
     repeats: int,
@@ -749,7 +759,7 @@ def methods_section(
     num_train_samples: int,
     memory: list[tuple[Result, Callable[[], Any]]],
     selected: Sequence[str] | None = None,
-) -> tuple[list[MethodRow], list[str]]:
+) -> MethodsResult:
     """One training step (forward, every term, backward, SGD step) of every method, each built
     from its config as a training run builds it, on the shared teacher; round-robin, and each
     step's ratio to the baseline's step taken within the round.
@@ -759,14 +769,13 @@ def methods_section(
     K): a slow case makes a loaded machine run fewer rounds (``setup.deadline``), never a
     smaller objective.
 
-    Returns:
-        ``(rows, footnotes)``: a row per method, the baseline first; footnotes (markdown bullets)
-        on what dominates a method's cost.
+    ``selected``: method names (default: every one, :func:`method_names`).
     """
     names = method_names(selected)
     configs = method_configs(names)
     loops: dict[str, PlainLoop] = {}
     cases: list[Case] = []
+    options: dict[str, Any] = {}
     for name, cfg in configs.items():
         options = {key: cfg.model[key] for key in METHOD_MODEL_OPTIONS}
         module = setup.module(
@@ -797,7 +806,7 @@ def methods_section(
             if isinstance(term, CRD):
                 result.note = (result.note + "; " if result.note else "") + "see below"
                 footnotes.append(_crd_footnote(name, term_name, term, setup.batch))
-    return rows, footnotes
+    return MethodsResult(rows, footnotes, options)
 
 
 def _crd_footnote(method: str, term_name: str, term: CRD, batch: int) -> str:
@@ -805,12 +814,13 @@ def _crd_footnote(method: str, term_name: str, term: CRD, batch: int) -> str:
     bank = term.memory.memory_s
     rows = 2 * batch * (term.num_negatives + 1)
     mib = rows * term.feature_dim * bank.element_size() / 2**20
+    dtype = str(bank.dtype).removeprefix("torch.")
     return (
         f"- `method={method}` runs at its configured K = {term.num_negatives} negatives "
         f"(`method.terms.{term_name}.term.num_negatives`): each step gathers 2 banks × {batch} "
-        f"images × (K + 1) = {rows} rows of {term.feature_dim} from its memory banks "
-        f"({term.num_data} slots each), {mib:.0f} MiB of {bank.dtype}, and scores every one; "
-        "that gather, not the networks, is what it adds to the KD step."
+        f"images × (K + 1) = {rows} rows of {term.feature_dim} {dtype} from its memory banks "
+        f"({term.num_data} slots each; {mib:.0f} MiB) and scores each against the image's "
+        "embedding, on top of a forward of both networks."
     )
 
 
@@ -823,9 +833,9 @@ def methods_table(rows: Sequence[MethodRow]) -> list[str]:
     for row in rows:
         r, (med, lo, hi) = row.result, row.ratio
         lines.append(
-            f"| {method_title(row.method)} | `method={row.method}` | {row.terms} | {1000 * r.median:.1f} | "
-            f"{r.spread()} | {med:.2f} | {lo:.2f}–{hi:.2f} | {row.parameters:,} | "
-            f"{row.buffers:,} | {_fmt_mib(r.peak_mib)} | {r.note} |"
+            f"| {method_title(row.method)} | `method={row.method}` | {row.terms} | "
+            f"{1000 * r.median:.1f} | {r.spread()} | {med:.2f} | {lo:.2f}–{hi:.2f} | "
+            f"{row.parameters:,} | {row.buffers:,} | {_fmt_mib(r.peak_mib)} | {r.note} |"
         )
     return lines
 
@@ -1353,6 +1363,28 @@ def render(
             *ratio_table(rat),
             "",
         ]
+    if "methods" in sections:
+        methods = sections["methods"]
+        model_options = ", ".join(
+            f"{k}={'null' if v is None else v}" for k, v in methods.model_options.items()
+        )
+        lines += [
+            "### Methods: one training step each, as a ratio to the KD step",
+            "",
+            "Each objective built from `conf/method/<name>.yaml` as a training run with "
+            "`method=<name>` builds it (the published defaults; the model options of "
+            f"`conf/model`: {model_options}), on the pair above with a training set of "
+            f"{args.train_images} images (per-image memories) and batches that carry each "
+            "image's index; the plain loop of the steps table (forward, every term, backward, "
+            "SGD step), every method in each round; the ratio to the `method=kd` step is taken "
+            "within each round. Parameters and buffers: the objective's own (projectors, "
+            "regressors, memory banks), not the networks'.",
+            "",
+            *methods_table(methods.rows),
+            "",
+            *methods.footnotes,
+            "",
+        ]
     if "accuracy" in sections:
         lines += [
             "### Accuracy of the approximate options",
@@ -1405,6 +1437,7 @@ def _rounds_run(sections: dict[str, Any]) -> str:
     for name, value in sections.items():
         results = {
             "steps": lambda v: v[0],
+            "methods": lambda v: {row.method: row.result for row in v.rows},
             "data": lambda v: v,
             "compile": lambda v: v[1],
         }.get(name)
@@ -1475,10 +1508,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fd-steps", default="1e-1,1e-2,1e-3,1e-4")
     parser.add_argument("--data-batches", type=int, default=20, help="batches per data timing")
     parser.add_argument("--workers", default="0,2", help="per-image DataLoader worker counts")
-    parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS))
+    parser.add_argument(
+        "--sections",
+        default=",".join(DEFAULT_SECTIONS),
+        help=f"comma-separated, from {','.join(SECTIONS)} (default: all but throughput)",
+    )
+    parser.add_argument(
+        "--methods",
+        default="",
+        help="methods section: comma-separated conf/method names (default: every one but "
+        f"{STUDENT_METHOD}; {BASELINE_METHOD}, the baseline, always runs)",
+    )
     parser.add_argument("--compile", action="store_true", help="run the torch.compile parts")
     parser.add_argument("--epochs", type=int, default=240)
-    parser.add_argument("--train-images", type=int, default=50_000)
+    parser.add_argument(
+        "--train-images",
+        type=int,
+        default=50_000,
+        help="training-set size: of the full-run estimate, and of the methods' per-image "
+        "memories (CRD's banks)",
+    )
     parser.add_argument("--test-images", type=int, default=10_000)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument(
@@ -1498,6 +1547,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if "compile" in sections and not args.compile:
         sections = tuple(s for s in sections if s != "compile")
     args.section_list = sections
+    args.method_list = [m for m in args.methods.split(",") if m]
+    try:
+        method_names(args.method_list)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -1532,17 +1586,23 @@ def main(argv: Sequence[str] | None = None) -> str:
             _progress("steps")
             results = steps_section(setup, args.repeats, args.warmup, scratch, memory)
             sections["steps"] = (results, ratios(results, setup.gm_every))
+        if "methods" in args.section_list:
+            budget(0.6)
+            _progress("methods")
+            sections["methods"] = methods_section(
+                setup, args.repeats, args.warmup, args.train_images, memory, args.method_list
+            )
         if "accuracy" in args.section_list:
             _progress("accuracy")
             fd_steps = [float(s) for s in args.fd_steps.split(",") if s]
             sections["accuracy"] = accuracy_section(setup, fd_steps)
         if "data" in args.section_list:
-            budget(0.55)
+            budget(0.65)
             _progress("data")
             workers = [int(w) for w in args.workers.split(",") if w]
             sections["data"] = data_section(setup, args.repeats, args.data_batches, workers)
         if "compile" in args.section_list:
-            budget(0.8)
+            budget(0.85)
             _progress("compile")
             sections["compile"] = compile_section(setup, args.repeats, memory)
         if "throughput" in args.section_list:
