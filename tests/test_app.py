@@ -121,9 +121,7 @@ def test_cpu_study_experiments_share_one_recipe_and_differ_only_in_the_objective
     assert terms(cfgs["c10cpu_student"]) == {}
     assert terms(cfgs["c10cpu_gkd_wd_gm"]) == {"kd": 1, "wd": 1, "gm": 1}
     assert cfgs["c10cpu"].method == cfgs["c10cpu_gkd_wd_gm"].method
-    assert {
-        e: c.schedule._target_.rsplit(".", 1)[1] for e, c in cfgs.items() if terms(c)
-    } == {
+    assert {e: c.schedule._target_.rsplit(".", 1)[1] for e, c in cfgs.items() if terms(c)} == {
         "c10cpu": "Gompertz",
         "c10cpu_kd": "Constant",
         "c10cpu_gkd": "Gompertz",

@@ -46,19 +46,19 @@ def test_full_objective_gradients_reach_student_and_projector_never_teacher():
     assert all(p.grad is None for p in module.teacher.parameters())
     assert all(not p.requires_grad for p in module.teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.student.parameters())
-    assert all(p.grad is not None for p in module.objective.terms['wd'].parameters())
+    assert all(p.grad is not None for p in module.objective.terms["wd"].parameters())
 
 
 def test_teacher_stays_in_eval_mode_and_out_of_the_optimizer():
     module = small_module(wd_scale=1.0)
     module.train()
     assert module.student.training and not module.teacher.training
-    assert module.objective.terms['wd'].training
+    assert module.objective.terms["wd"].training
     optimizer = module.configure_optimizers()["optimizer"]
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert not in_optimizer & {id(p) for p in module.teacher.parameters()}
     expected = {id(p) for p in module.student.parameters()} | {
-        id(p) for p in module.objective.terms['wd'].parameters()
+        id(p) for p in module.objective.terms["wd"].parameters()
     }
     assert in_optimizer == expected
 
@@ -187,9 +187,7 @@ def test_resnet50_to_mobilenetv2_full_objective_one_step_logs_every_term_and_wei
         student="MobileNetV2",
         teacher="ResNet50",
         num_classes=100,
-        kd_scale=1.0,
-        wd_scale=1.0,
-        gm_scale=1.0,
+        objective=gompertz_cnn(kd_scale=1.0, wd_scale=1.0, gm_scale=1.0),
     )
     trainer = cpu_trainer(max_steps=1, limit_val_batches=0)
     trainer.fit(module, random_loader(n=4, num_classes=100, batch_size=4))
@@ -236,8 +234,8 @@ class _NaNAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         original = type(pl_module).compute_losses
 
-        def patched(module, images, targets, step=None):
-            logits, terms, teacher = original(module, images, targets, step)
+        def patched(module, images, targets, step=None, indices=None):
+            logits, terms, teacher = original(module, images, targets, step, indices)
             if trainer.global_step == self.step:
                 terms["loss_kd"] = terms["loss_kd"] * float("nan")
             return logits, terms, teacher
@@ -377,8 +375,8 @@ def test_gm_every_counts_the_trainers_optimizer_steps():
     original = module.compute_losses
     calls = []
 
-    def recording(images, targets, step=None):
-        result = original(images, targets, step)
+    def recording(images, targets, step=None, indices=None):
+        result = original(images, targets, step, indices)
         calls.append((step, "loss_gm" in result[1]))
         return result
 

@@ -407,9 +407,7 @@ class DistillationModule(L.LightningModule):
         )
 
     # ------------------------------------------------------------------ Lightning hooks
-    def training_step(
-        self, batch: tuple[Tensor, ...], batch_idx: int
-    ) -> dict[str, Tensor] | None:
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict[str, Tensor] | None:
         # (images, targets), or (images, targets, indices) from a data module asked for indices
         images, targets, *rest = batch
         indices = rest[0] if rest else None

@@ -75,9 +75,7 @@ class CRD(Term):
 
     def negatives(self, batch_size: int, step: int | None, device: torch.device) -> Tensor:
         """``(N, K)`` bank indices drawn uniformly, the same for the same ``(seed, step)``."""
-        generator = torch.Generator(device=device).manual_seed(
-            self.seed * 1_000_003 + (step or 0)
-        )
+        generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + (step or 0))
         return torch.randint(
             0, self.num_data, (batch_size, self.num_negatives), generator=generator, device=device
         )

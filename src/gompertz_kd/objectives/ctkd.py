@@ -51,7 +51,10 @@ class CTKD(Term):
     def forward(self, step: Step) -> Tensor:
         logits_s, logits_t = step.student.logits, step.teacher.logits
         if self.standardize:
-            logits_s, logits_t = losses.standardize_logits(logits_s), losses.standardize_logits(logits_t)
+            logits_s, logits_t = (
+                losses.standardize_logits(logits_s),
+                losses.standardize_logits(logits_t),
+            )
         temperature = self.temperature(self.lambda_schedule(step.progress))
         self._last_temperature = temperature.detach()
         return losses.kd_loss(logits_s, logits_t, temperature)

@@ -28,7 +28,11 @@ class DIST(Term):
     needs = frozenset({Need.LOGITS})
 
     def __init__(
-        self, beta: float = 2.0, gamma: float = 2.0, temperature: float = 4.0, standardize: bool = False
+        self,
+        beta: float = 2.0,
+        gamma: float = 2.0,
+        temperature: float = 4.0,
+        standardize: bool = False,
     ) -> None:
         super().__init__()
         if not temperature > 0:
@@ -40,5 +44,8 @@ class DIST(Term):
     def forward(self, step: Step) -> Tensor:
         logits_s, logits_t = step.student.logits, step.teacher.logits
         if self.standardize:
-            logits_s, logits_t = losses.standardize_logits(logits_s), losses.standardize_logits(logits_t)
+            logits_s, logits_t = (
+                losses.standardize_logits(logits_s),
+                losses.standardize_logits(logits_t),
+            )
         return losses.dist_loss(logits_s, logits_t, self.beta, self.gamma, self.temperature)

@@ -29,7 +29,11 @@ class DKD(Term):
     needs = frozenset({Need.LOGITS, Need.TARGETS})
 
     def __init__(
-        self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, standardize: bool = False
+        self,
+        alpha: float = 1.0,
+        beta: float = 8.0,
+        temperature: float = 4.0,
+        standardize: bool = False,
     ) -> None:
         super().__init__()
         if not temperature > 0:
@@ -41,7 +45,10 @@ class DKD(Term):
     def forward(self, step: Step) -> Tensor:
         logits_s, logits_t = step.student.logits, step.teacher.logits
         if self.standardize:
-            logits_s, logits_t = losses.standardize_logits(logits_s), losses.standardize_logits(logits_t)
+            logits_s, logits_t = (
+                losses.standardize_logits(logits_s),
+                losses.standardize_logits(logits_t),
+            )
         return losses.dkd_loss(
             logits_s, logits_t, step.targets, self.alpha, self.beta, self.temperature
         )

@@ -43,7 +43,9 @@ class FitNet(Term):
                 raise ValueError(
                     f"FitNet {role}={index} is out of range: that network has {len(shapes)} stages"
                 )
-        self.regressor = losses.HintRegressor(shapes_s[self.guided_stage], shapes_t[self.hint_stage])
+        self.regressor = losses.HintRegressor(
+            shapes_s[self.guided_stage], shapes_t[self.hint_stage]
+        )
 
     def forward(self, step: Step) -> Tensor:
         regressed = self.regressor(step.student.features[self.guided_stage])

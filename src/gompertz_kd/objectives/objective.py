@@ -90,9 +90,7 @@ class Objective(nn.Module):
             if not scale >= 0:
                 raise ValueError(f"{where}.scale must be >= 0, got scale={scale}")
             own = spec.get("schedule")
-            schedule_ = (
-                shared if own in (None, SHARED) else make_schedule(own, f"{where}.schedule")
-            )
+            schedule_ = shared if own in (None, SHARED) else make_schedule(own, f"{where}.schedule")
             if scale == 0:
                 continue
             self.terms[name] = spec["term"]

@@ -58,7 +58,11 @@ class WKDL(Term):
             raise ValueError(f"temperature must be > 0, got temperature={temperature}")
         if not reg > 0:
             raise ValueError(f"reg must be > 0, got reg={reg}")
-        self.temperature, self.reg, self.iterations = float(temperature), float(reg), int(iterations)
+        self.temperature, self.reg, self.iterations = (
+            float(temperature),
+            float(reg),
+            int(iterations),
+        )
         self.sharpen = float(sharpen)
         self.exclude_target = bool(exclude_target)
         self.standardize = bool(standardize)
