@@ -36,7 +36,7 @@ train: ## train one experiment: make train ARGS="experiment=c100_resnet50_mbv2"
 notebooks: ## run the notebooks; executed copies with plots in logs/notebooks/ (ARGS=--tiny: seconds, generated data)
 	$(BIN)/python scripts/run_notebooks.py $(ARGS)
 
-bench: ## time the distillation steps, data paths and torch.compile (about 3 min on a quiet 2-CPU machine); writes docs/benchmarks.md
+bench: ## time the distillation steps, every method's step, data paths and torch.compile (budget 7 min on a 2-CPU machine); writes docs/benchmarks.md
 	$(BIN)/python -m gompertz_kd.bench --batch 32 --repeats 5 --budget 420 --compile --output docs/benchmarks.md
 
 clean: ## remove caches and build outputs (keeps .venv and data)

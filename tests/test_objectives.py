@@ -287,3 +287,21 @@ def test_bad_names_fail_in_seconds_before_any_teacher_is_trained(
     assert not teachers.exists() or not any(teachers.iterdir())
     assert not list(Path(tmp_path).glob("logs/**/results.json"))
     assert elapsed < 60, f"took {elapsed:.0f} s"
+
+
+@pytest.mark.parametrize("experiment", ["c100_resnet50_mbv2", "c10_resnet50_mbv2", "c10cpu"])
+def test_a_recipe_with_any_method_is_one_row_of_the_comparison_table(experiment):
+    """`-m experiment=<recipe> method=kd,dkd,...`: the method changes, the recipe does not."""
+    default = compose_cfg([f"experiment={experiment}"])
+    assert set(default.method.terms) == {"kd", "wd", "gm"}  # the paper's Gompertz-CNN
+    for method in METHODS:
+        cfg = compose_cfg([f"experiment={experiment}", f"method={method}"])
+        assert (cfg.data, cfg.model, cfg.trainer, cfg.teacher) == (
+            default.data,
+            default.model,
+            default.trainer,
+            default.teacher,
+        ), method
+        assert set(build_objective(cfg).names) == {
+            n for n, t in cfg.method.terms.items() if t.scale > 0
+        }
