@@ -8,7 +8,7 @@ scalar. ``conf/method/<name>.yaml`` holds each method's published defaults.
 """
 
 from gompertz_kd.objectives.at import AT
-from gompertz_kd.objectives.base import Need, Networks, Step, Term
+from gompertz_kd.objectives.base import LogitTerm, Need, Networks, Step, Term
 from gompertz_kd.objectives.crd import CRD
 from gompertz_kd.objectives.ctkd import CTKD
 from gompertz_kd.objectives.dist import DIST
@@ -35,6 +35,7 @@ __all__ = [
     "WKDL",
     "FitNet",
     "GradientMatching",
+    "LogitTerm",
     "Need",
     "Networks",
     "Objective",

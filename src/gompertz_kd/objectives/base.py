@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from gompertz_kd.models import StageOutput, feature_shapes
 
-__all__ = ["Need", "Networks", "Step", "Term"]
+__all__ = ["LogitTerm", "Need", "Networks", "Step", "Term", "positive"]
 
 
 class Need(StrEnum):
@@ -130,3 +130,36 @@ class Term(nn.Module):
         """Values worth logging besides the loss (e.g. a learned temperature), by short name;
         logged as ``train/<term>/<name>``."""
         return {}
+
+
+class LogitTerm(Term):
+    """A term on the two networks' logits, with the logit standardisation of Sun et al., "Logit
+    Standardization in Knowledge Distillation" (CVPR 2024) as an option of every such term: each
+    row of logits is z-scored before the term sees it, so the student matches the teacher's logit
+    relations rather than their range.
+
+    Args:
+        standardize: z-score both networks' logits per sample first.
+    """
+
+    needs = frozenset({Need.LOGITS})
+
+    def __init__(self, standardize: bool = False) -> None:
+        super().__init__()
+        self.standardize = bool(standardize)
+
+    def logits(self, step: Step) -> tuple[Tensor, Tensor]:
+        """``(student, teacher)`` logits ``(N, K)``, standardised if asked."""
+        from gompertz_kd.losses import standardize_logits
+
+        logits_s, logits_t = step.student.logits, step.teacher.logits
+        if self.standardize:
+            return standardize_logits(logits_s), standardize_logits(logits_t)
+        return logits_s, logits_t
+
+
+def positive(name: str, value: float) -> float:
+    """``value`` as a float, or ``ValueError`` naming ``name`` unless it is > 0."""
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {name}={value}")
+    return float(value)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from gompertz_kd import losses
-from gompertz_kd.objectives.base import Need, Networks, Step, Term
+from gompertz_kd.objectives.base import Need, Networks, Step, Term, positive
 
 __all__ = ["CRD"]
 
@@ -46,15 +46,11 @@ class CRD(Term):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if not num_negatives >= 1:
-            raise ValueError(f"num_negatives must be >= 1, got num_negatives={num_negatives}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got temperature={temperature}")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got momentum={momentum}")
         self.feature_dim = int(feature_dim)
-        self.num_negatives = int(num_negatives)
-        self.temperature = float(temperature)
+        self.num_negatives = int(positive("num_negatives", num_negatives))
+        self.temperature = positive("temperature", temperature)
         self.momentum = float(momentum)
         self.seed = int(seed)
         self.num_data: int | None = None

@@ -12,13 +12,13 @@ from __future__ import annotations
 from torch import Tensor
 
 from gompertz_kd import losses
-from gompertz_kd.objectives.base import Need, Networks, Step, Term
+from gompertz_kd.objectives.base import LogitTerm, Need, Networks, Step
 from gompertz_kd.schedules import make_schedule
 
 __all__ = ["CTKD"]
 
 
-class CTKD(Term):
+class CTKD(LogitTerm):
     """KD at a learnable temperature trained through gradient reversal.
 
     Args:
@@ -39,22 +39,16 @@ class CTKD(Term):
         init: float = 1.0,
         standardize: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(standardize)
         self.lambda_schedule = make_schedule(lambda_schedule, "lambda_schedule")
         self.t_start, self.t_range, self.init = float(t_start), float(t_range), float(init)
-        self.standardize = bool(standardize)
         self._last_temperature: Tensor | None = None
 
     def bind(self, networks: Networks) -> None:
         self.temperature = losses.LearnableTemperature(self.init, self.t_start, self.t_range)
 
     def forward(self, step: Step) -> Tensor:
-        logits_s, logits_t = step.student.logits, step.teacher.logits
-        if self.standardize:
-            logits_s, logits_t = (
-                losses.standardize_logits(logits_s),
-                losses.standardize_logits(logits_t),
-            )
+        logits_s, logits_t = self.logits(step)
         temperature = self.temperature(self.lambda_schedule(step.progress))
         self._last_temperature = temperature.detach()
         return losses.kd_loss(logits_s, logits_t, temperature)

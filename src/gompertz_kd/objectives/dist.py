@@ -9,12 +9,12 @@ from __future__ import annotations
 from torch import Tensor
 
 from gompertz_kd import losses
-from gompertz_kd.objectives.base import Need, Step, Term
+from gompertz_kd.objectives.base import LogitTerm, Step, positive
 
 __all__ = ["DIST"]
 
 
-class DIST(Term):
+class DIST(LogitTerm):
     """``tau^2 * (beta * inter + gamma * intra)`` on Pearson correlations of the softened
     probabilities (:func:`gompertz_kd.losses.dist_loss`).
 
@@ -25,8 +25,6 @@ class DIST(Term):
         standardize: z-score both logits per sample first (Sun et al., CVPR 2024).
     """
 
-    needs = frozenset({Need.LOGITS})
-
     def __init__(
         self,
         beta: float = 2.0,
@@ -34,18 +32,9 @@ class DIST(Term):
         temperature: float = 4.0,
         standardize: bool = False,
     ) -> None:
-        super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got temperature={temperature}")
+        super().__init__(standardize)
         self.beta, self.gamma = float(beta), float(gamma)
-        self.temperature = float(temperature)
-        self.standardize = bool(standardize)
+        self.temperature = positive("temperature", temperature)
 
     def forward(self, step: Step) -> Tensor:
-        logits_s, logits_t = step.student.logits, step.teacher.logits
-        if self.standardize:
-            logits_s, logits_t = (
-                losses.standardize_logits(logits_s),
-                losses.standardize_logits(logits_t),
-            )
-        return losses.dist_loss(logits_s, logits_t, self.beta, self.gamma, self.temperature)
+        return losses.dist_loss(*self.logits(step), self.beta, self.gamma, self.temperature)

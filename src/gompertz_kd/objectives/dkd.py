@@ -11,12 +11,12 @@ from __future__ import annotations
 from torch import Tensor
 
 from gompertz_kd import losses
-from gompertz_kd.objectives.base import Need, Step, Term
+from gompertz_kd.objectives.base import LogitTerm, Need, Step, positive
 
 __all__ = ["DKD"]
 
 
-class DKD(Term):
+class DKD(LogitTerm):
     """``alpha * TCKD + beta * NCKD`` (:func:`gompertz_kd.losses.dkd_loss`).
 
     Args:
@@ -35,20 +35,12 @@ class DKD(Term):
         temperature: float = 4.0,
         standardize: bool = False,
     ) -> None:
-        super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got temperature={temperature}")
+        super().__init__(standardize)
         self.alpha, self.beta = float(alpha), float(beta)
-        self.temperature = float(temperature)
-        self.standardize = bool(standardize)
+        self.temperature = positive("temperature", temperature)
 
     def forward(self, step: Step) -> Tensor:
-        logits_s, logits_t = step.student.logits, step.teacher.logits
-        if self.standardize:
-            logits_s, logits_t = (
-                losses.standardize_logits(logits_s),
-                losses.standardize_logits(logits_t),
-            )
+        logits_s, logits_t = self.logits(step)
         return losses.dkd_loss(
             logits_s, logits_t, step.targets, self.alpha, self.beta, self.temperature
         )

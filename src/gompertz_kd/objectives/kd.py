@@ -2,8 +2,8 @@
 
 Benchmark defaults (CRD / mdistiller CIFAR-100 tables): temperature 4, ``0.1 * CE + 0.9 * KD``
 (``conf/method/kd.yaml``). ``standardize=True`` is the logit standardisation of Sun et al.,
-"Logit Standardization in Knowledge Distillation" (CVPR 2024): each row of logits is z-scored
-before softening, so the student matches the teacher's logit *relations*, not their range.
+"Logit Standardization in Knowledge Distillation" (CVPR 2024; reference
+sunshangquan/logit-standardization-KD): z-scored logits, ``T^2`` kept.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from __future__ import annotations
 from torch import Tensor
 
 from gompertz_kd import losses
-from gompertz_kd.objectives.base import Need, Step, Term
+from gompertz_kd.objectives.base import LogitTerm, Step, positive
 
 __all__ = ["KD"]
 
 
-class KD(Term):
+class KD(LogitTerm):
     """``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))`` (:func:`gompertz_kd.losses.kd_loss`).
 
     Args:
@@ -24,16 +24,9 @@ class KD(Term):
         standardize: z-score both logits per sample first (Sun et al., CVPR 2024).
     """
 
-    needs = frozenset({Need.LOGITS})
-
     def __init__(self, temperature: float = 4.0, standardize: bool = False) -> None:
-        super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got temperature={temperature}")
-        self.temperature = float(temperature)
-        self.standardize = bool(standardize)
+        super().__init__(standardize)
+        self.temperature = positive("temperature", temperature)
 
     def forward(self, step: Step) -> Tensor:
-        return losses.kd_loss(
-            step.student.logits, step.teacher.logits, self.temperature, standardize=self.standardize
-        )
+        return losses.kd_loss(*self.logits(step), self.temperature)

@@ -23,12 +23,12 @@ import torch
 from torch import Tensor
 
 from gompertz_kd import losses
-from gompertz_kd.objectives.base import Need, Networks, Step, Term
+from gompertz_kd.objectives.base import LogitTerm, Need, Networks, Step, Term, positive
 
 __all__ = ["WKDL", "WKDTarget"]
 
 
-class WKDL(Term):
+class WKDL(LogitTerm):
     """Sinkhorn distance between softened class distributions
     (:func:`gompertz_kd.losses.wkd_logit_loss`), the target class left out unless
     ``exclude_target=False``.
@@ -53,19 +53,12 @@ class WKDL(Term):
         exclude_target: bool = True,
         standardize: bool = False,
     ) -> None:
-        super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got temperature={temperature}")
-        if not reg > 0:
-            raise ValueError(f"reg must be > 0, got reg={reg}")
-        self.temperature, self.reg, self.iterations = (
-            float(temperature),
-            float(reg),
-            int(iterations),
-        )
+        super().__init__(standardize)
+        self.temperature = positive("temperature", temperature)
+        self.reg = positive("reg", reg)
+        self.iterations = int(positive("iterations", iterations))
         self.sharpen = float(sharpen)
         self.exclude_target = bool(exclude_target)
-        self.standardize = bool(standardize)
 
     def bind(self, networks: Networks) -> None:
         weight = networks.teacher.get_classifier().weight.detach()
@@ -73,10 +66,7 @@ class WKDL(Term):
         self.register_buffer("cost", cost)
 
     def forward(self, step: Step) -> Tensor:
-        logits_s, logits_t = step.student.logits, step.teacher.logits
-        if self.standardize:
-            logits_s = losses.standardize_logits(logits_s)
-            logits_t = losses.standardize_logits(logits_t)
+        logits_s, logits_t = self.logits(step)
         return losses.wkd_logit_loss(
             logits_s,
             logits_t,
