@@ -3,7 +3,13 @@ import pickle
 import pytest
 import torch
 
-from gompertz_kd.checkpoints import CheckpointError, load_weights, read_state_dict
+from gompertz_kd.checkpoints import (
+    CheckpointError,
+    load_weights,
+    read_checkpoint,
+    read_state_dict,
+    weight_differences,
+)
 from gompertz_kd.models import create_model
 from gompertz_kd.module import DistillationModule
 
@@ -79,6 +85,50 @@ def test_missing_and_truncated_files(tmp_path):
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(CheckpointError, match="truncated"):
         read_state_dict(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        # 'h' is pickle's BINGET: torch.load used to end in KeyError(101), the memo index 'e'
+        (b"hello world\n", r"is a text file beginning 'hello world\\n', not a PyTorch checkpoint"),
+        # 'm' made torch's weights-only unpickler call the file unsafe
+        (b"model: resnet8\n", "is a text file beginning 'model: resnet8"),
+        (bytes(range(200, 256)), r"is a binary file beginning b'\\xc8"),
+        (b"", r"is an empty file \(0 bytes\), not a checkpoint"),
+    ],
+    ids=["text_h", "text_m", "binary", "empty"],
+)
+def test_a_file_that_is_no_checkpoint_says_what_it_is(tmp_path, content, match):
+    path = tmp_path / "teacher.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=match) as err:
+        DistillationModule(
+            student="resnet8", teacher="resnet8", num_classes=10, teacher_ckpt=str(path)
+        )
+    assert str(err.value).startswith(str(path))
+
+
+def test_a_directory_is_named_with_the_checkpoints_inside(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04")
+    match = r"is a directory, not a checkpoint file \(it holds checkpoints/last.ckpt\); use a file"
+    with pytest.raises(CheckpointError, match=match):
+        read_checkpoint(tmp_path, name="teacher.ckpt=dir", fix="use a file")
+
+
+def test_weight_differences_name_keys_and_shapes():
+    expected = create_model("resnet8", num_classes=10).state_dict()
+    state = dict(create_model("resnet8", num_classes=100).state_dict())
+    state["extra.weight"] = state.pop("layer1.0.conv1.weight")
+    problems = weight_differences(state, expected)
+    assert problems == [
+        "shapes differ for fc.weight: file (100, 64) vs model (10, 64); "
+        "fc.bias: file (100,) vs model (10,)",
+        "1 weights missing from the file (layer1.0.conv1.weight)",
+        "1 unknown weights in the file (extra.weight)",
+    ]
+    assert weight_differences(expected, expected) == []
 
 
 class _Exploit:

@@ -11,8 +11,10 @@ file can never run code while it is read:
 
 from __future__ import annotations
 
+import codecs
 import collections
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,7 +23,15 @@ from torch import Tensor, nn
 
 from gompertz_kd import schedules
 
-__all__ = ["CheckpointError", "SAFE_GLOBALS", "load_weights", "read_state_dict"]
+__all__ = [
+    "CheckpointError",
+    "SAFE_GLOBALS",
+    "check_weights",
+    "load_weights",
+    "read_checkpoint",
+    "read_state_dict",
+    "weight_differences",
+]
 
 # Plain-data classes that gompertz_kd's own Lightning checkpoints hold (hyper-parameters and LR
 # scheduler state). Nothing here runs code when unpickled.
@@ -45,39 +55,124 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: unsafe, corrupt, or for another model."""
 
 
-def read_state_dict(path: str | Path, prefix: str = "student.") -> dict[str, Tensor]:
+# What torch.save writes: a zip archive (the format since PyTorch 1.6; Lightning's too), or, with
+# `_use_new_zipfile_serialization=False`, a pickle stream (protocol 2 and up starts with 0x80).
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_PICKLE_PROTOCOLS = range(2, 6)
+
+
+def read_checkpoint(
+    path: str | Path, name: str | None = None, fix: str | None = None, mmap: bool = False
+) -> object:
+    """The object saved in ``path``, read with ``torch.load(map_location="cpu",
+    weights_only=True)``; every way the file can be unusable ends in one message that says what
+    the file is.
+
+    Args:
+        path: checkpoint file.
+        name: how messages call the file, e.g. ``"teacher.ckpt=/x/r56.pth"`` (default: its path).
+        fix: what the user should do, appended to every message.
+        mmap: map a zip-format file's tensors instead of reading them (for a look at the keys and
+            shapes of a large checkpoint).
+
+    Raises:
+        FileNotFoundError: nothing exists at ``path``.
+        CheckpointError: ``path`` is a directory, an empty file, a text or other non-PyTorch file,
+            truncated or corrupt, or needs arbitrary code to load.
+    """
+    path = Path(path).expanduser().resolve()
+    name = name or str(path)
+
+    def error(problem: str) -> CheckpointError:
+        return CheckpointError(f"{name} {problem}" + (f"; {fix}" if fix else ""))
+
+    if path.is_dir():
+        inside = _checkpoints_in(path)
+        hint = f" (it holds {', '.join(inside)})" if inside else ""
+        raise error(f"is a directory, not a checkpoint file{hint}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: checkpoint not found ({path})")
+    with path.open("rb") as f:
+        start = f.read(64)
+    if not start:
+        raise error("is an empty file (0 bytes), not a checkpoint")
+    is_zip = start.startswith(_ZIP_MAGIC)
+    if not (is_zip or (start[0] == 0x80 and len(start) > 1 and start[1] in _PICKLE_PROTOCOLS)):
+        # torch.load would take such a file for a legacy pickle and fail with an opcode error
+        # (a text file starting with "h" ends in KeyError(104)), or call it unsafe: say what it is.
+        raise error(f"is {_describe_bytes(start)}, not a PyTorch checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):  # a broken stream, not a refused one
+            raise error(f"is truncated or corrupt ({_first_line(err)})") from None
+        raise error(
+            "was refused: loading it would need arbitrary Python objects, and a checkpoint file "
+            "can run code while such objects are unpickled. If you trust the file, re-save its "
+            "weights alone with `torch.save(model.state_dict(), 'weights.pt')` and point to that "
+            f"file. (torch said: {_first_line(err)})"
+        ) from None
+    except Exception as err:  # torch raises any kind of error on a damaged archive
+        what = "zip archive" if is_zip else "pickle stream"
+        said = ": ".join(filter(None, (type(err).__name__, _first_line(err))))
+        raise error(
+            f"is truncated or corrupt: torch could not read it as a {what} ({said}). A copy or "
+            "download that did not finish, or a run killed while writing it, leaves such a file"
+        ) from None
+
+
+def _describe_bytes(start: bytes) -> str:
+    try:
+        # incremental: a character cut at the end of `start` is not a decoding error
+        text = codecs.getincrementaldecoder("utf-8")().decode(start)
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\t\r\n" for c in text):
+        return f"a text file beginning {text[:40]!r}"
+    return f"a binary file beginning {start[:16]!r}"
+
+
+def _first_line(err: BaseException) -> str:
+    """The gist of a torch error: the unpickler's own complaint if there is one, else the first
+    sentence (torch's messages run on with advice that does not apply here)."""
+    text = str(err).strip()
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    line = unpickler.group(1) if unpickler else (text.splitlines() or [""])[0]
+    return line.split(". ")[0].rstrip(".")
+
+
+def _checkpoints_in(directory: Path, limit: int = 3) -> list[str]:
+    """A few checkpoint files in ``directory`` or its ``checkpoints/`` folder, newest first."""
+    found = [
+        p
+        for pattern in ("*.ckpt", "*.pt", "*.pth", "checkpoints/*.ckpt")
+        for p in directory.glob(pattern)
+        if p.is_file()
+    ]
+    found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    return [str(p.relative_to(directory)) for p in found[:limit]]
+
+
+def read_state_dict(
+    path: str | Path, prefix: str = "student.", name: str | None = None, fix: str | None = None
+) -> dict[str, Tensor]:
     """Read a state dict from any of the supported checkpoint shapes.
 
     Args:
         path: checkpoint file.
         prefix: in a Lightning checkpoint, the sub-module whose weights to return.
+        name, fix: how messages call the file and what they advise (see :func:`read_checkpoint`).
 
     Raises:
         FileNotFoundError: the file does not exist.
-        CheckpointError: the file is truncated or corrupt, needs arbitrary code to load, or holds
-            no tensors under any of the known layouts.
+        CheckpointError: see :func:`read_checkpoint`; also when the file holds no tensors under any
+            of the known layouts.
     """
-    path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path} was refused: loading it would need arbitrary Python objects, and a checkpoint "
-            "file can run code while such objects are unpickled. If you trust the file, re-save "
-            "its weights alone with `torch.save(model.state_dict(), 'weights.pt')` and point to "
-            f"that file. (torch said: {str(err).splitlines()[0]})"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(
-            f"{path} could not be read ({type(err).__name__}: {err}); the file is truncated or "
-            "not a PyTorch checkpoint. Download or copy it again."
-        ) from None
-    return _extract_state_dict(obj, path, prefix)
+    obj = read_checkpoint(path, name=name, fix=fix)
+    return _extract_state_dict(obj, name or str(Path(path).expanduser().resolve()), prefix, fix)
 
 
-def _extract_state_dict(obj: object, path: Path, prefix: str) -> dict[str, Tensor]:
+def _extract_state_dict(obj: object, name: str, prefix: str, fix: str | None) -> dict[str, Tensor]:
     if isinstance(obj, Mapping):
         if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
             inner = obj["state_dict"]
@@ -94,46 +189,106 @@ def _extract_state_dict(obj: object, path: Path, prefix: str) -> dict[str, Tenso
                 tensors = {k[len("module.") :]: v for k, v in tensors.items()}
             return tensors
     raise CheckpointError(
-        f"{path} holds no model weights under any known layout (a Lightning checkpoint, "
-        '{"model": state_dict}, or a bare state_dict).'
+        f"{name} holds no model weights under any known layout (a Lightning checkpoint, "
+        '{"model": state_dict}, or a bare state_dict)' + (f"; {fix}" if fix else ".")
     )
 
 
-def load_weights(model: nn.Module, path: str | Path, description: str) -> None:
-    """Load ``path`` into ``model`` strictly; on mismatch, say what differs.
+def weight_differences(
+    file_state: Mapping[str, object], expected: Mapping[str, object], limit: int = 3
+) -> list[str]:
+    """What keeps ``file_state`` from loading strictly where ``expected`` is the state dict (only
+    keys and shapes are compared, so ``expected`` may live on the meta device).
+
+    Returns:
+        One phrase per kind of difference, naming the first ``limit`` keys, e.g. ``["shapes differ
+        for fc.weight: file (100, 64) vs model (10, 64)", "2 weights missing from the file
+        (objective.terms.crd.embed_s.linear.weight, ...)"]``; empty when the file fits.
+    """
+    missing = [k for k in expected if k not in file_state]
+    unexpected = [k for k in file_state if k not in expected]
+    mismatched = [
+        f"{k}: file {tuple(file_state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if isinstance(v, Tensor)
+        and isinstance(file_state.get(k), Tensor)
+        and file_state[k].shape != v.shape
+    ]
+
+    def first(keys: list[str]) -> str:
+        return ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
+
+    problems = []
+    if mismatched:
+        problems.append("shapes differ for " + "; ".join(mismatched[:limit]))
+    if missing:
+        problems.append(f"{len(missing)} weights missing from the file ({first(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unknown weights in the file ({first(unexpected)})")
+    return problems
+
+
+def check_weights(
+    model: nn.Module,
+    path: str | Path,
+    description: str,
+    name: str | None = None,
+    fix: str | None = None,
+) -> dict[str, Tensor]:
+    """Read ``path``'s weights and check that they load strictly into ``model``, leaving ``model``
+    untouched (it may live on the meta device: only keys and shapes are compared).
 
     Args:
-        model: the freshly built network.
+        model: the network the weights are for.
         path: checkpoint file (see :func:`read_state_dict`).
         description: what ``model`` is, for messages, e.g. ``"teacher ResNet50 with 100 classes"``.
+        name, fix: how messages call the file and what they advise (see :func:`read_checkpoint`);
+            without ``fix``, a mismatch says to check the architecture and class count.
+
+    Returns:
+        The weights read.
 
     Raises:
         FileNotFoundError, CheckpointError: see :func:`read_state_dict`; ``CheckpointError`` also
             when keys or shapes disagree, naming the first differences (a different class count
             shows up as the classifier's shape).
     """
-    state = read_state_dict(path)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        problems = []
-        if mismatched:
-            problems.append("shapes differ for " + "; ".join(mismatched[:3]))
-        if missing:
-            problems.append(f"{len(missing)} weights missing from the file (e.g. {missing[:3]})")
-        if unexpected:
-            problems.append(
-                f"{len(unexpected)} unknown weights in the file (e.g. {unexpected[:3]})"
-            )
+    name = name or str(Path(path).expanduser().resolve())
+    obj = read_checkpoint(path, name=name, fix=fix)
+    state = _extract_state_dict(obj, name, "student.", fix)
+    problems = weight_differences(state, model.state_dict())
+    if problems:
         raise CheckpointError(
-            f"{Path(path).resolve()} does not fit the {description}: "
+            f"{name}{_run_origin(obj)} does not fit the {description}: "
             + "; ".join(problems)
-            + ". Check the architecture name and the class count the file was trained with."
+            + (
+                f"; {fix}"
+                if fix
+                else ". Check the architecture name and the class count the file was trained with."
+            )
         )
-    model.load_state_dict(state, strict=True)
+    return state
+
+
+def _run_origin(obj: object) -> str:
+    """For a gompertz_kd checkpoint, whose weights are read: " (a run's checkpoint: the weights
+    read are its student's, a resnet8)"; else ""."""
+    hparams = obj.get("hyper_parameters") if isinstance(obj, Mapping) else None
+    student = hparams.get("student") if isinstance(hparams, Mapping) else None
+    if not isinstance(student, str):
+        return ""
+    return f" (a run's checkpoint: the weights read are its student's, a {student})"
+
+
+def load_weights(
+    model: nn.Module,
+    path: str | Path,
+    description: str,
+    name: str | None = None,
+    fix: str | None = None,
+) -> None:
+    """Load ``path`` into ``model`` strictly; on mismatch, say what differs.
+
+    Args and raises: see :func:`check_weights`.
+    """
+    model.load_state_dict(check_weights(model, path, description, name=name, fix=fix), strict=True)

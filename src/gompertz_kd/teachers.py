@@ -21,6 +21,10 @@ import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from gompertz_kd.checkpoints import check_weights
+from gompertz_kd.data.sources import CLASSES
+from gompertz_kd.models import create_model
+
 __all__ = ["provision_teacher", "teacher_cache_path"]
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,9 @@ def provision_teacher(cfg: DictConfig) -> str | None:
     Raises:
         FileNotFoundError: ``teacher.ckpt`` names a missing file, or no cached teacher exists and
             ``teacher.auto_train`` is false.
+        CheckpointError: ``teacher.ckpt`` is not a checkpoint (a directory, an empty, text or
+            truncated file) or holds weights that do not fit ``model.teacher`` (see
+            :func:`gompertz_kd.checkpoints.check_weights`).
     """
     arch = cfg.model.get("teacher")
     if not arch:
@@ -77,11 +84,21 @@ def provision_teacher(cfg: DictConfig) -> str | None:
     ckpt = cfg.teacher.get("ckpt")
     if ckpt:
         path = Path(str(ckpt)).expanduser().resolve()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"teacher.ckpt={ckpt}: no such file ({path}). Point teacher.ckpt at trained "
-                f"{arch} weights, or leave it null to train and cache the teacher."
-            )
+        fix = (
+            f"point teacher.ckpt at trained {arch} weights for {cfg.data.dataset}, or leave it "
+            "null to train and cache the teacher"
+        )
+        if not path.exists():
+            raise FileNotFoundError(f"teacher.ckpt={ckpt}: no such file ({path}); {fix}")
+        # Checked here, naming the setting, before any work; the module loads the file again.
+        num_classes = len(CLASSES[cfg.data.dataset])
+        check_weights(
+            create_model(str(arch), num_classes=num_classes),
+            path,
+            f"teacher {arch} with {num_classes} classes",
+            name=f"teacher.ckpt={path}",
+            fix=fix,
+        )
         log.info("Teacher %s from %s", arch, path)
         return str(path)
 

@@ -15,6 +15,7 @@ import os
 import shlex
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from gompertz_kd.callbacks import RunTimer
+from gompertz_kd.checkpoints import CheckpointError, read_checkpoint, weight_differences
 from gompertz_kd.config import ROOT_DIR, print_config_tree
 from gompertz_kd.data.sources import DATASETS
 from gompertz_kd.models import list_models
@@ -69,6 +71,9 @@ def run_training(cfg: DictConfig) -> TrainingRun:
     # Bad values fail here, before data or models are touched or a teacher is trained.
     objective = check_config(cfg)
     teacher_arch = cfg.model.get("teacher") if objective.terms else None
+    # a resume checkpoint that is no checkpoint at all fails now, before a teacher is trained;
+    # whether it fits this run's module is checked once the module is built
+    _resume_path(cfg, output_dir)
     data_cache = cfg.data.get("cache_dir") if cfg.data.get("source") == "folder" else None
     log.info(
         "Run directory %s; teacher cache %s; data %s; decoded-data cache %s",
@@ -107,7 +112,7 @@ def run_training(cfg: DictConfig) -> TrainingRun:
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    resume_from = _resume_path(cfg, output_dir)
+    resume_from = _resume_path(cfg, output_dir, module.state_dict())
     if resume_from is not None:
         _continue_csv_history(loggers)
     for logger in loggers:
@@ -328,22 +333,97 @@ def _test(
     return {"top1": float(metrics["test/top1"]), "top5": float(metrics["test/top5"])}
 
 
-def _resume_path(cfg: DictConfig, output_dir: Path) -> str | None:
+def _resume_path(
+    cfg: DictConfig, output_dir: Path, expected: Mapping[str, Any] | None = None
+) -> str | None:
+    """The checkpoint ``ckpt_path`` names (``"last"``: this run directory's ``last.ckpt``), checked
+    to be a Lightning training checkpoint that fits this run's module, whose ``state_dict()`` is
+    ``expected`` (not compared when ``None``); ``None`` when ``ckpt_path`` is unset.
+
+    Raises:
+        FileNotFoundError: no file there.
+        CheckpointError: see :func:`_check_resume_checkpoint`.
+    """
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path in (None, ""):
         return None
     if ckpt_path == "last":
-        last = output_dir / "checkpoints" / "last.ckpt"
-        if not last.is_file():
+        path = output_dir / "checkpoints" / "last.ckpt"
+        if not path.is_file():
             raise FileNotFoundError(
-                f"ckpt_path=last: no checkpoint at {last}. Resume inside the interrupted run's "
+                f"ckpt_path=last: no checkpoint at {path}. Resume inside the interrupted run's "
                 "directory (hydra.run.dir=<that run dir>) or give ckpt_path=<file>."
             )
-        return str(last)
-    path = Path(ckpt_path).expanduser().resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file ({path})")
+        name = f"ckpt_path=last ({path})"
+    else:
+        path = Path(ckpt_path).expanduser().resolve()
+        if not path.exists():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file ({path})")
+        name = f"ckpt_path={path}"
+    _check_resume_checkpoint(path, name, expected)
     return str(path)
+
+
+# What Lightning's trainer.fit(ckpt_path=...) restores from; a weights-only save lacks the last two.
+_TRAINING_STATE = ("state_dict", "epoch", "global_step", "optimizer_states", "lr_schedulers")
+
+
+def _check_resume_checkpoint(path: Path, name: str, expected: Mapping[str, Any] | None) -> None:
+    """Refuse, before training starts, a resume checkpoint Lightning would fail on midway or with
+    torch's own words: not a checkpoint, truncated, weights only, or of another model or objective
+    (keys or shapes that differ from ``expected``, the run's module's ``state_dict()``).
+
+    Raises:
+        CheckpointError: ``<name> is ...``, what is wrong and what to do.
+    """
+    others = [p.name for p in sorted(path.parent.glob("*.ckpt")) if p != path and p.is_file()]
+    elsewhere = f" (the other checkpoints there: {', '.join(others[:3])})" if others else ""
+    fix = (
+        "give a checkpoint that a run of this config wrote" + elsewhere + ", or start afresh "
+        "without ckpt_path"
+    )
+    # mmap: the keys, shapes and counters are all this needs, whatever the checkpoint's size
+    ckpt = read_checkpoint(path, name=name, fix=fix, mmap=True)
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(
+            f"{name} holds a {type(ckpt).__name__}, not a Lightning training checkpoint; {fix}"
+        )
+    lacking = [key for key in _TRAINING_STATE if key not in ckpt]
+    if "state_dict" in lacking:
+        weights = "model" in ckpt or (
+            ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+        )
+        if weights:
+            raise CheckpointError(
+                f"{name} holds model weights only, not a training checkpoint: there is no epoch, "
+                "optimiser or LR-scheduler state to resume. To distil from it, set "
+                f"teacher.ckpt={path}; to train, start afresh without ckpt_path"
+            )
+        raise CheckpointError(
+            f"{name} is not a Lightning training checkpoint: it has no "
+            f"{', '.join(lacking)} (its keys: {', '.join(map(str, list(ckpt)[:6]))}); {fix}"
+        )
+    if lacking:
+        raise CheckpointError(
+            f"{name} was saved with the weights only (ModelCheckpoint save_weights_only=true, or "
+            f"trainer.save_checkpoint(weights_only=True)): it has no {', '.join(lacking)} to "
+            "resume from. Start afresh without ckpt_path (to distil from its student, set "
+            f"teacher.ckpt={path})"
+        )
+    problems = weight_differences(ckpt["state_dict"], expected) if expected is not None else []
+    if problems:
+        hparams = ckpt.get("hyper_parameters") or {}
+        written_by = ", ".join(
+            f"{key}={hparams[key]}" for key in ("student", "teacher") if key in hparams
+        )
+        raise CheckpointError(
+            f"{name} is a checkpoint of another model or objective"
+            + (f" (its run: {written_by})" if written_by else "")
+            + ": "
+            + "; ".join(problems)
+            + "; resume with the config of the run that wrote it, or start afresh without "
+            "ckpt_path"
+        )
 
 
 def _continue_csv_history(loggers: list[Any]) -> None:
