@@ -137,6 +137,15 @@ class FeatureProjector(nn.Sequential):
         )
 
 
+def check_feature_options(variant: str, reduction: str) -> None:
+    """Raise ``ValueError`` naming the option unless ``variant`` is ``"gaussian"`` or
+    ``"sliced"`` and ``reduction`` is ``"mean"`` or ``"sum"``."""
+    if variant not in ("gaussian", "sliced"):
+        raise ValueError(f"variant must be 'gaussian' or 'sliced', got variant={variant!r}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got reduction={reduction!r}")
+
+
 class WassersteinFeatureLoss(nn.Module):
     """Wasserstein distance between chosen teacher and student stages, with learnable projectors.
 
@@ -165,10 +174,7 @@ class WassersteinFeatureLoss(nn.Module):
         n_projections: int = 64,
     ) -> None:
         super().__init__()
-        if variant not in ("gaussian", "sliced"):
-            raise ValueError(f"variant must be 'gaussian' or 'sliced', got variant={variant!r}")
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got reduction={reduction!r}")
+        check_feature_options(variant, reduction)
         if not pairs:
             raise ValueError("pairs must name at least one (teacher_stage, student_stage) pair")
         self.pairs: list[tuple[int, int]] = []

@@ -39,10 +39,8 @@ class Wasserstein(Term):
         projections: int = 64,
     ) -> None:
         super().__init__()
-        if variant not in ("gaussian", "sliced"):
-            raise ValueError(f"variant must be 'gaussian' or 'sliced', got variant={variant!r}")
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got reduction={reduction!r}")
+        # checked now, when the config is read, not when the module binds the term
+        losses.check_feature_options(variant, reduction)
         self.pairs = [tuple(int(i) for i in p) for p in pairs]
         self.variant = variant
         self.reduction = reduction
