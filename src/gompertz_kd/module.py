@@ -207,6 +207,7 @@ class DistillationModule(L.LightningModule):
             )
         # the terms computed only on every gm_every-th step, their weight x gm_every
         self._lazy_terms = frozenset(objective.names_needing(Need.INPUT_GRAD))
+        self._index_terms = objective.names_needing(Need.INDICES)
 
         self.lr = benchmark_lr(student if isinstance(student, str) else "") if lr is None else lr
         self._optimizer_factory = optimizer
@@ -288,9 +289,9 @@ class DistillationModule(L.LightningModule):
         terms = {"loss_ce": F.cross_entropy(student_out.logits, targets)}
         if not due:
             return student_out.logits, terms, None
-        if indices is None and Need.INDICES in self.objective.needs:
+        if indices is None and self._index_terms:
             raise ValueError(
-                f"terms {self.objective.names_needing(Need.INDICES)} need each image's training-set "
+                f"terms {self._index_terms} need each image's training-set "
                 "index: pass indices=, or build the data module with with_indices=True"
             )
 

@@ -91,9 +91,12 @@ def provision_teacher(cfg: DictConfig) -> str | None:
         if not path.exists():
             raise FileNotFoundError(f"teacher.ckpt={ckpt}: no such file ({path}); {fix}")
         # Checked here, naming the setting, before any work; the module loads the file again.
+        # Keys and shapes are all the check reads: the network is built without storage.
         num_classes = len(CLASSES[cfg.data.dataset])
+        with torch.device("meta"):
+            teacher = create_model(str(arch), num_classes=num_classes)
         check_weights(
-            create_model(str(arch), num_classes=num_classes),
+            teacher,
             path,
             f"teacher {arch} with {num_classes} classes",
             name=f"teacher.ckpt={path}",

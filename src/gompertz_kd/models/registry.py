@@ -73,7 +73,16 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 def feature_shapes(
     model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)
 ) -> list[tuple[int, int, int]]:
-    """(C, H, W) of each `model.forward_stages(x).features` map for one image of `input_size`.
+    """(C, H, W) of each `model.forward_stages(x).features` map for one image of `input_size`
+    (one probe pass, see `stage_output_shapes`)."""
+    return stage_output_shapes(model, input_size)[0]
+
+
+def stage_output_shapes(
+    model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)
+) -> tuple[list[tuple[int, int, int]], int]:
+    """(C, H, W) of each `forward_stages(x).features` map and the width D of `pooled`, for one
+    image of `input_size`.
 
     Runs one forward pass in eval mode (so BatchNorm statistics are untouched) without
     gradients, on the model's device and dtype, then restores every submodule's train/eval
@@ -84,9 +93,8 @@ def feature_shapes(
     model.eval()
     try:
         with torch.no_grad():
-            x = parameter.new_zeros(1, *input_size)
-            features = model.forward_stages(x).features
+            out = model.forward_stages(parameter.new_zeros(1, *input_size))
     finally:
         for module, training in modes:
             module.training = training
-    return [tuple(f.shape[1:]) for f in features]
+    return [tuple(f.shape[1:]) for f in out.features], int(out.pooled.shape[1])

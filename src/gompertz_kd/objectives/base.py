@@ -18,10 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-import torch
 from torch import Tensor, nn
 
-from gompertz_kd.models import StageOutput, feature_shapes
+from gompertz_kd.losses import standardize_logits
+from gompertz_kd.models import StageOutput
+from gompertz_kd.models.registry import stage_output_shapes
 
 __all__ = ["LogitTerm", "Need", "Networks", "Step", "Term", "positive"]
 
@@ -81,33 +82,22 @@ class Networks:
     teacher: nn.Module
     num_classes: int
     num_train_samples: int | None = None
-    _shapes: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict, repr=False)
+    _shapes: dict[str, tuple[list[tuple[int, int, int]], int]] = field(
+        default_factory=dict, repr=False
+    )
+
+    def _probe(self, role: str) -> tuple[list[tuple[int, int, int]], int]:
+        if role not in self._shapes:
+            self._shapes[role] = stage_output_shapes(getattr(self, role))
+        return self._shapes[role]
 
     def feature_shapes(self, role: str) -> list[tuple[int, int, int]]:
         """``(C, H, W)`` of each stage map of ``"student"`` or ``"teacher"`` for a 32x32 image."""
-        if role not in self._shapes:
-            self._shapes[role] = feature_shapes(getattr(self, role))
-        return self._shapes[role]
+        return self._probe(role)[0]
 
     def pooled_dim(self, role: str) -> int:
         """Width ``D`` of the pooled embedding of ``"student"`` or ``"teacher"``."""
-        key = f"{role}_pooled"
-        if key not in self._shapes:
-            self._shapes[key] = [(_pooled_width(getattr(self, role)), 1, 1)]
-        return self._shapes[key][0][0]
-
-
-def _pooled_width(model: nn.Module) -> int:
-    """``D`` of ``model.forward_stages(x).pooled`` for one 32x32 image (eval mode, no grad)."""
-    parameter = next(model.parameters(), torch.empty(0))
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            return int(model.forward_stages(parameter.new_zeros(1, 3, 32, 32)).pooled.shape[1])
-    finally:
-        for m, training in modes:
-            m.training = training
+        return self._probe(role)[1]
 
 
 class Term(nn.Module):
@@ -150,8 +140,6 @@ class LogitTerm(Term):
 
     def logits(self, step: Step) -> tuple[Tensor, Tensor]:
         """``(student, teacher)`` logits ``(N, K)``, standardised if asked."""
-        from gompertz_kd.losses import standardize_logits
-
         logits_s, logits_t = step.student.logits, step.teacher.logits
         if self.standardize:
             return standardize_logits(logits_s), standardize_logits(logits_t)

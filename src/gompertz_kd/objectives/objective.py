@@ -145,10 +145,8 @@ class Objective(nn.Module):
 
     def stage_at(self, progress: float) -> Stage | None:
         """Stage of the first term's schedule when it is a Gompertz curve, else ``None``."""
-        for name in self.terms:
-            schedule = self.schedules[name]
-            return schedule.stage(progress) if isinstance(schedule, Gompertz) else None
-        return None
+        first = next(iter(self.schedules.values()), None)
+        return first.stage(progress) if isinstance(first, Gompertz) else None
 
     # ------------------------------------------------------------------ losses
     def forward(self, step: Step, names: Iterable[str] | None = None) -> dict[str, Tensor]:
