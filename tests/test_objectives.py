@@ -218,8 +218,16 @@ def test_teacher_runs_only_for_what_the_terms_need(monkeypatch):
     module.compute_losses(images, targets)
     assert calls == [False]
     gm = DistillationModule("resnet8", "resnet14", 10, objective=gompertz_cnn(gm_scale=1.0))
+    gm_calls = []
+    gm_original = gm.teacher_forward
+
+    def gm_spy(images, targets=None, input_gradient=False):
+        gm_calls.append(input_gradient)
+        return gm_original(images, targets, input_gradient)
+
+    monkeypatch.setattr(gm, "teacher_forward", gm_spy)
     _, terms, _ = gm.compute_losses(images, targets)
-    assert "loss_gm" in terms and images.grad is None
+    assert "loss_gm" in terms and gm_calls == [True]
     alone = DistillationModule("resnet8", None, 10)
     _, terms, teacher_logits = alone.compute_losses(images, targets)
     assert set(terms) == {"loss_ce"} and teacher_logits is None
