@@ -73,7 +73,7 @@ def run_training(cfg: DictConfig) -> TrainingRun:
     teacher_arch = cfg.model.get("teacher") if objective.terms else None
     # a resume checkpoint that is no checkpoint at all fails now, before a teacher is trained;
     # whether it fits this run's module is checked once the module is built
-    _resume_path(cfg, output_dir)
+    resume = _resume_checkpoint(cfg, output_dir)
     data_cache = cfg.data.get("cache_dir") if cfg.data.get("source") == "folder" else None
     log.info(
         "Run directory %s; teacher cache %s; data %s; decoded-data cache %s",
@@ -112,7 +112,12 @@ def run_training(cfg: DictConfig) -> TrainingRun:
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    resume_from = _resume_path(cfg, output_dir, module.state_dict())
+    resume_from = None
+    if resume is not None:
+        path, name, ckpt = resume
+        _check_resume_fits(ckpt, name, module.state_dict())
+        resume_from = str(path)
+        del resume, ckpt  # the mapped file is not needed once checked
     if resume_from is not None:
         _continue_csv_history(loggers)
     for logger in loggers:
@@ -342,8 +347,22 @@ def _resume_path(
 
     Raises:
         FileNotFoundError: no file there.
-        CheckpointError: see :func:`_check_resume_checkpoint`.
+        CheckpointError: see :func:`_read_resume_checkpoint` and :func:`_check_resume_fits`.
     """
+    resume = _resume_checkpoint(cfg, output_dir)
+    if resume is None:
+        return None
+    path, name, ckpt = resume
+    if expected is not None:
+        _check_resume_fits(ckpt, name, expected)
+    return str(path)
+
+
+def _resume_checkpoint(
+    cfg: DictConfig, output_dir: Path
+) -> tuple[Path, str, Mapping[str, Any]] | None:
+    """``(path, how messages name it, the checkpoint read with mmap)`` for ``ckpt_path``, checked
+    to be a Lightning training checkpoint; ``None`` when ``ckpt_path`` is unset."""
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path in (None, ""):
         return None
@@ -360,18 +379,17 @@ def _resume_path(
         if not path.exists():
             raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file ({path})")
         name = f"ckpt_path={path}"
-    _check_resume_checkpoint(path, name, expected)
-    return str(path)
+    return path, name, _read_resume_checkpoint(path, name)
 
 
 # What Lightning's trainer.fit(ckpt_path=...) restores from; a weights-only save lacks the last two.
 _TRAINING_STATE = ("state_dict", "epoch", "global_step", "optimizer_states", "lr_schedulers")
 
 
-def _check_resume_checkpoint(path: Path, name: str, expected: Mapping[str, Any] | None) -> None:
-    """Refuse, before training starts, a resume checkpoint Lightning would fail on midway or with
-    torch's own words: not a checkpoint, truncated, weights only, or of another model or objective
-    (keys or shapes that differ from ``expected``, the run's module's ``state_dict()``).
+def _read_resume_checkpoint(path: Path, name: str) -> Mapping[str, Any]:
+    """The checkpoint at ``path``, read with mmap (keys, shapes and counters are all the checks
+    need, whatever its size), refused before training starts when Lightning would fail on it
+    midway or with torch's own words: not a checkpoint, truncated, or weights only.
 
     Raises:
         CheckpointError: ``<name> is ...``, what is wrong and what to do.
@@ -382,7 +400,6 @@ def _check_resume_checkpoint(path: Path, name: str, expected: Mapping[str, Any] 
         "give a checkpoint that a run of this config wrote" + elsewhere + ", or start afresh "
         "without ckpt_path"
     )
-    # mmap: the keys, shapes and counters are all this needs, whatever the checkpoint's size
     ckpt = read_checkpoint(path, name=name, fix=fix, mmap=True)
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(
@@ -410,7 +427,17 @@ def _check_resume_checkpoint(path: Path, name: str, expected: Mapping[str, Any] 
             "resume from. Start afresh without ckpt_path (to distil from its student, set "
             f"teacher.ckpt={path})"
         )
-    problems = weight_differences(ckpt["state_dict"], expected) if expected is not None else []
+    return ckpt
+
+
+def _check_resume_fits(ckpt: Mapping[str, Any], name: str, expected: Mapping[str, Any]) -> None:
+    """Refuse a resume checkpoint of another model or objective: keys or shapes that differ from
+    ``expected``, the run's module's ``state_dict()``.
+
+    Raises:
+        CheckpointError: naming the first differences and the run that wrote the file.
+    """
+    problems = weight_differences(ckpt["state_dict"], expected)
     if problems:
         hparams = ckpt.get("hyper_parameters") or {}
         written_by = ", ".join(
