@@ -237,6 +237,7 @@ def test_cli_bad_checkpoint_exits_nonzero_with_the_message(
     assert not list(tmp_path.glob("logs/**/results.json"))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a CUDA device")
 def test_gpu_requested_where_there_is_none_exits_nonzero_with_the_fix(tiny_c10, tmp_path):
     env = {**os.environ, "GOMPERTZ_KD_ROOT": str(tmp_path)}
     gpu = subprocess.run(
