@@ -147,7 +147,7 @@ e2e() {
 step 150 "end-to-end run" bash -c "$(declare -f e2e); e2e"
 
 stage "throughput: bf16-mixed, channels_last, eager and torch.compile, batches $batches"
-step 240 "throughput" "$PY" -m gompertz_kd.bench "${networks[@]}" --device "$device" \
+step 220 "throughput" "$PY" -m gompertz_kd.bench "${networks[@]}" --device "$device" \
     --precision bf16-mixed --sections throughput --batches "$batches" --compile --repeats 3 \
     --output "$out/throughput.md"
 
@@ -159,7 +159,7 @@ step 120 "methods" "$PY" -m gompertz_kd.bench "${networks[@]}" --device "$device
 stage "the default test suite with the device visible"
 xdist=()
 if "$PY" -c "import xdist" 2>/dev/null; then xdist=(-n 8); fi
-step 200 "default test suite" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" "${suite[@]}"
+step 150 "default test suite" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" "${suite[@]}"
 
 stage "done; reports in $out"
 if ((${#failed[@]})); then
