@@ -256,6 +256,7 @@ class DistillationModule(L.LightningModule):
         targets: Tensor,
         step: int | None = None,
         indices: Tensor | None = None,
+        teacher: tuple[StageOutput, Tensor | None] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
         """One training forward: student (and teacher) on a batch, every term that is due.
 
@@ -265,6 +266,9 @@ class DistillationModule(L.LightningModule):
             step: the training step, which decides whether the input-gradient terms are due when
                 ``gm_every > 1``; ``None`` computes every term.
             indices: ``(N,)`` training-set indices of the images (terms that need them: CRD).
+            teacher: the teacher's ``(outputs, input_gradient)`` on this batch, computed already
+                by :meth:`teacher_forward` (a population shares one teacher pass among its
+                members); ``None`` runs the teacher here.
 
         Returns:
             ``(student_logits, terms, teacher_logits)``: logits ``(N, K)``; ``terms`` maps
@@ -295,7 +299,16 @@ class DistillationModule(L.LightningModule):
                 "index: pass indices=, or build the data module with with_indices=True"
             )
 
-        teacher_out, teacher_grad = self.teacher_forward(images, targets, input_grad)
+        if teacher is None:
+            teacher_out, teacher_grad = self.teacher_forward(images, targets, input_grad)
+        else:
+            teacher_out, teacher_grad = teacher
+            if input_grad and teacher_grad is None:
+                raise ValueError(
+                    f"terms {sorted(self._lazy_terms)} are due at step {step} and need the "
+                    "teacher's input gradient; pass the teacher_forward(..., input_gradient=True) "
+                    "output"
+                )
         batch = Step(
             student=student_out,
             teacher=teacher_out,
@@ -497,7 +510,12 @@ class DistillationModule(L.LightningModule):
         return list(self.student.parameters()) + list(self.objective.parameters())
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = self.trainable_parameters()
+        return self.optimizer_config(self.trainable_parameters())
+
+    def optimizer_config(self, params: list[nn.Parameter]) -> dict[str, Any]:
+        """The optimiser (SGD with this module's settings, or the configured factory) and its
+        epoch-wise scheduler over ``params``: this module's trainable parameters in a single run,
+        every member's in a population."""
         if self._optimizer_factory is not None:
             optimizer = self._optimizer_factory(params)
         else:

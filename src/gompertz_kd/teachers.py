@@ -159,6 +159,7 @@ def _teacher_run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
         teacher_cfg.name = f"teacher_{cfg.data.dataset}_{cfg.model.teacher}"
         teacher_cfg.seed = int(recipe.seed)
         teacher_cfg.ckpt_path = None
+        teacher_cfg.population = None  # a population's teacher is one single run
         teacher_cfg.test = True
         teacher_cfg.compile = False
         teacher_cfg.paths.output_dir = str(run_dir)

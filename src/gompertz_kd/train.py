@@ -61,7 +61,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def run_training(cfg: DictConfig) -> TrainingRun:
-    """Like :func:`train`, also returning the trained module and the Trainer."""
+    """Like :func:`train`, also returning the trained module and the Trainer. A config with a
+    ``population`` trains it (:func:`gompertz_kd.population.run_population`)."""
+    if cfg.get("population"):
+        from gompertz_kd.population import run_population
+
+        return run_population(cfg)
     start = time.time()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

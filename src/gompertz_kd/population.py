@@ -1,0 +1,762 @@
+"""Population runs: many students learn from one teacher pass.
+
+A *population* trains K *members* in one run. Each member is a student with its own objective
+(method, scales, schedules, progress mode) and its own initialisation seed, built exactly as a
+single run of the same configuration builds its :class:`~gompertz_kd.module.DistillationModule`.
+All members see the same batches in the same order (one DataModule, one data seed). Per batch the
+frozen teacher runs once, computing what the members' terms need (its outputs; its input gradient
+when a gradient-matching member is due), and every member trains on it. The members' parameters
+are disjoint, so one backward of the summed member losses and one optimiser give each member
+exactly the gradients and updates it would get alone (on the CPU in fp32: bit for bit; see
+``tests/test_population.py``).
+
+From the command line a population is a config of the ``population`` group::
+
+    python -m gompertz_kd.run experiment=c10cpu population=schedules_kd
+    python -m gompertz_kd.run experiment=c10cpu population=schedules_kd 'population.seeds=[0,1,2]'
+
+``population.members`` maps each member's name to the Hydra overrides that make it, applied on top
+of the run's own command line (``[method=dkd, schedule=gompertz]``); ``population.seeds`` replicates
+every member over initialisation seeds (``<name>_s<seed>``); the run's ``seed`` is the data seed.
+Members must share the data, the networks and the recipe (``data``, ``model``, ``trainer``,
+``teacher``): what differs is the objective, its schedules and progress mode, and the seed.
+
+Each member gets what a single run gets, under ``<run dir>/members/<name>/``: ``results.json``
+(the single-run schema plus ``population`` and ``data_seed``), ``csv/metrics.csv`` (its columns of
+the population's log, prefix removed) and ``checkpoints/{best,last}.ckpt`` (the student and the
+objective's parts; the shared teacher is in the teacher cache). ``python -m gompertz_kd.report``
+reads members like runs. In the population's own log every name is prefixed by the member's
+(``kd_gompertz/train/loss``). The population's ``checkpoints/last.ckpt`` holds every member, the
+optimiser and every member's weight-callback state, so ``ckpt_path=last`` resumes all members
+exactly.
+
+Members share the data order, so replicate seeds vary the initialisation only: their spread
+understates the seed-to-seed spread of independent runs, which also vary the data order.
+Networks with random layers (dropout) draw from one global random stream shared by all members, so
+such members match their single runs in distribution, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from gompertz_kd.callbacks import GompertzWeightCallback, RunTimer
+from gompertz_kd.config import CONFIG_DIR
+from gompertz_kd.module import DistillationModule, NonFiniteLossError
+from gompertz_kd.objectives import Need
+
+__all__ = [
+    "MEMBERS_DIR",
+    "MemberCheckpoint",
+    "MemberWeightCallback",
+    "PopulationModule",
+    "compose_members",
+    "member_names",
+    "run_population",
+]
+
+log = logging.getLogger(__name__)
+
+MEMBERS_DIR = "members"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+# The config groups every member shares with the population; a member may change none of them.
+SHARED_GROUPS = ("data", "model", "trainer", "teacher")
+# What must agree between members for one teacher pass and one optimiser to serve them all.
+_SHARED_OPTIONS = (
+    "fold_teacher_bn",
+    "teacher_precision",
+    "gm_precision",
+    "gm_every",
+    "channels_last",
+)
+_OPTIMIZER_OPTIONS = ("lr", "momentum", "weight_decay", "lr_milestones", "lr_gamma")
+
+
+class PopulationModule(L.LightningModule):
+    """K :class:`~gompertz_kd.module.DistillationModule` members trained on one teacher pass.
+
+    Args:
+        members: name -> member, each built as a single run builds it. The members with a
+            teacher are given one shared teacher (the first one's); members without terms
+            (the student alone) run no teacher.
+
+    Raises:
+        ValueError: no members, a bad name, members with different class counts, or members
+            whose teacher or optimiser settings differ (they share one pass and one optimiser).
+    """
+
+    def __init__(self, members: Mapping[str, DistillationModule]) -> None:
+        super().__init__()
+        members = dict(members)
+        check_member_names(list(members))
+        classes = {name: int(m.hparams.num_classes) for name, m in members.items()}
+        if len(set(classes.values())) > 1:
+            raise ValueError(
+                f"population members have different class counts {classes}: members share the "
+                "data, so every student must predict its classes"
+            )
+        self.num_classes = next(iter(classes.values()))
+        distilling = [name for name, m in members.items() if m.teacher is not None]
+        self.lead = distilling[0] if distilling else None
+        for name, member in members.items():
+            _check_same(members, name, _SHARED_OPTIONS, lambda m, k: getattr(m, k), "model")
+            _check_same(
+                members, name, _OPTIMIZER_OPTIONS, lambda m, k: m.hparams.get(k), "model optimiser"
+            )
+            if member.teacher is not None and name != self.lead:
+                lead_teacher = members[self.lead].teacher
+                if type(member.teacher) is not type(lead_teacher):
+                    raise ValueError(
+                        f"population member {name!r} distils from a {type(member.teacher).__name__}"
+                        f" teacher, member {self.lead!r} from a {type(lead_teacher).__name__}: "
+                        "members share one teacher"
+                    )
+                member.teacher = lead_teacher  # one module, run once per batch
+                member._teacher_cache = None
+        self.members = nn.ModuleDict(members)
+        # per member: {"top1": best validation top-1, "epoch": its epoch}
+        self.best: dict[str, dict[str, float | int]] = {}
+
+    # ------------------------------------------------------------------ training
+    def teacher_passes(
+        self, images: Tensor, targets: Tensor, step: int
+    ) -> dict[bool, tuple[Any, Tensor | None]]:
+        """The teacher's outputs on a batch, computed once for every member due to use them:
+        ``{False: (outputs, None)}`` for the members without an input-gradient term due, and
+        ``{True: (outputs, input_gradient)}`` for those with one. One pass serves both when its
+        precision is the same; otherwise each runs."""
+        if self.lead is None:
+            return {}
+        lead = self.members[self.lead]
+        wanted = {
+            member.gm_due(step)
+            for member in self.members.values()
+            if member.teacher is not None and member.due_terms(step)
+        }
+        images = lead._format(images)
+        passes: dict[bool, tuple[Any, Tensor | None]] = {}
+        if True in wanted:
+            passes[True] = lead.teacher_forward(images, targets, input_gradient=True)
+        if False in wanted:
+            same = lead.gm_precision is None or lead.gm_precision == lead.teacher_precision
+            if True in passes and same:
+                passes[False] = (passes[True][0], None)
+            else:
+                passes[False] = lead.teacher_forward(images)
+        return passes
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict[str, Any] | None:
+        images, targets, *rest = batch
+        indices = rest[0] if rest else None
+        step = self.global_step
+        passes = self.teacher_passes(images, targets, step)
+        batch_size = targets.shape[0]
+        totals, out = [], {}
+        for name, member in self.members.items():
+            shared = None
+            if member.teacher is not None and member.due_terms(step):
+                shared = passes[member.gm_due(step)]
+            logits, terms, teacher_logits = member.compute_losses(
+                images, targets, step, indices, teacher=shared
+            )
+            total = member.weighted_total(terms)
+            if self.trainer.strategy.reduce_boolean_decision(
+                not bool(torch.isfinite(total)), all=False
+            ):
+                self._non_finite(name, member, terms)
+                continue
+            self.log(f"{name}/train/loss", total, batch_size=batch_size)
+            self.log_dict(
+                {f"{name}/train/{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size
+            )
+            extra = {
+                f"{name}/train/{term_name}/{key}": value.detach()
+                for term_name, term in member.objective.terms.items()
+                for key, value in term.extra_metrics().items()
+            }
+            if extra:
+                self.log_dict(extra, batch_size=batch_size)
+            member.train_metrics.update(logits.detach(), targets)
+            self.log_dict(
+                {f"{name}/{k}": metric for k, metric in member.train_metrics.items()},
+                on_step=False,
+                on_epoch=True,
+                batch_size=batch_size,
+            )
+            counts = {"student_correct": (logits.detach().argmax(1) == targets).sum()}
+            if teacher_logits is not None:
+                counts["teacher_correct"] = (teacher_logits.argmax(1) == targets).sum()
+            out[name] = counts
+            totals.append(total)
+        if not totals:
+            return None
+        # disjoint parameters: the sum's gradient is each member's own, as if it trained alone
+        out["loss"] = torch.stack(totals).sum()
+        return out
+
+    def _non_finite(self, name: str, member: DistillationModule, terms: Mapping[str, Tensor]):
+        bad = ", ".join(f"{k}={v.item():g}" for k, v in terms.items() if not torch.isfinite(v)) or (
+            "the weighted sum (every term finite; a weight is not)"
+        )
+        if member.nonfinite == "skip":
+            member.skipped_batches += 1
+            self.log(
+                f"{name}/train/skipped_batches",
+                float(member.skipped_batches),
+                on_step=True,
+                on_epoch=False,
+            )
+            return
+        checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "")
+        raise NonFiniteLossError(
+            f"population member {name!r}: non-finite loss at step {self.trainer.global_step} "
+            f"(epoch {self.current_epoch}): {bad}. Last good checkpoint: "
+            f"{checkpoint or 'none saved yet'}. Lower that member's learning rate or term scale, "
+            "or set model.nonfinite=skip to skip its bad batches (the others train on)."
+        )
+
+    # ------------------------------------------------------------------ evaluation
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], split: str) -> None:
+        images, targets = batch
+        batch_size = targets.shape[0]
+        for name, member in self.members.items():
+            logits = member(images)
+            self.log(
+                f"{name}/{split}/loss_ce",
+                F.cross_entropy(logits, targets),
+                sync_dist=True,
+                batch_size=batch_size,
+            )
+            metrics = member.val_metrics if split == "val" else member.test_metrics
+            metrics.update(logits, targets)
+            self.log_dict(
+                {f"{name}/{k}": metric for k, metric in metrics.items()},
+                on_step=False,
+                on_epoch=True,
+                batch_size=batch_size,
+            )
+
+    # ------------------------------------------------------------------ plumbing
+    def train(self, mode: bool = True) -> PopulationModule:
+        super().train(mode)
+        for member in self.members.values():
+            member.train(mode)  # keeps each teacher in eval mode
+        return self
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for member in self.members.values() for p in member.trainable_parameters()]
+        return next(iter(self.members.values())).optimizer_config(params)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """A default weight callback for each member with terms that the trainer lacks one for."""
+        driven = {c.member for c in self.trainer.callbacks if isinstance(c, MemberWeightCallback)}
+        return [
+            MemberWeightCallback(GompertzWeightCallback(), name)
+            for name, member in self.members.items()
+            if member.objective.terms and name not in driven
+        ]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The shared teacher is saved once, under the lead member; restored for all on load.
+        state = checkpoint["state_dict"]
+        for prefix in self._teacher_copies():
+            for key in [k for k in state if k.startswith(prefix)]:
+                del state[key]
+        checkpoint["population_best"] = copy.deepcopy(self.best)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        lead = f"members.{self.lead}.teacher."
+        for prefix in self._teacher_copies():
+            for key in [k for k in state if k.startswith(lead)]:
+                state.setdefault(prefix + key[len(lead) :], state[key])
+        self.best = dict(checkpoint.get("population_best", {}))
+
+    def _teacher_copies(self) -> list[str]:
+        return [
+            f"members.{name}.teacher."
+            for name, member in self.members.items()
+            if member.teacher is not None and name != self.lead
+        ]
+
+    def member_state(self, name: str) -> dict[str, Tensor]:
+        """Member ``name``'s weights without the shared teacher: student, objective, metrics."""
+        state = self.members[name].state_dict()
+        return {k: v.detach().clone() for k, v in state.items() if not k.startswith("teacher.")}
+
+
+class _MemberView:
+    """What :class:`~gompertz_kd.callbacks.GompertzWeightCallback` sees of one member: its
+    weights, stages and hyper-parameters, and the population's logger with the member's prefix."""
+
+    def __init__(self, population: PopulationModule, name: str) -> None:
+        self.population = population
+        self.name = name
+        self.member = population.members[name]
+        self.teacher = self.member.teacher
+        self.hparams = self.member.hparams
+
+    def set_progress(self, progress: float) -> dict[str, float]:
+        return self.member.set_progress(progress)
+
+    def stage_at(self, progress: float):
+        return self.member.stage_at(progress)
+
+    def log_dict(self, values: Mapping[str, Any], **kwargs: Any) -> None:
+        self.population.log_dict({f"{self.name}/{k}": v for k, v in values.items()}, **kwargs)
+
+
+class MemberWeightCallback(L.Callback):
+    """One member's :class:`~gompertz_kd.callbacks.GompertzWeightCallback` inside a population:
+    the same progress (clock or the member's own trajectory), logged under the member's name,
+    its state saved in the population's checkpoints under its own key."""
+
+    def __init__(self, callback: GompertzWeightCallback, member: str) -> None:
+        self.callback = callback
+        self.member = member
+
+    @property
+    def state_key(self) -> str:
+        return f"{self.callback.state_key}[member={self.member}]"
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: PopulationModule) -> None:
+        self.callback.on_fit_start(trainer, _MemberView(pl_module, self.member))
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: PopulationModule) -> None:
+        self.callback.on_train_epoch_start(trainer, _MemberView(pl_module, self.member))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.callback.on_train_batch_start(
+            trainer, _MemberView(pl_module, self.member), batch, batch_idx
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        own = outputs.get(self.member) if isinstance(outputs, dict) else None
+        self.callback.on_train_batch_end(
+            trainer, _MemberView(pl_module, self.member), own, batch, batch_idx
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.callback.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.callback.load_state_dict(state_dict)
+
+
+class MemberCheckpoint(L.Callback):
+    """Each member's ``best.ckpt`` (highest ``<member>/val/top1``) and ``last.ckpt`` under
+    ``<dirpath>/<member>/checkpoints/``: the member's student and objective weights, its
+    hyper-parameters, epoch and step. Written through a temporary name and a rename."""
+
+    def __init__(self, dirpath: str | os.PathLike, monitor: str = "val/top1") -> None:
+        self.dirpath = Path(dirpath)
+        self.monitor = monitor
+
+    def path(self, member: str, which: str) -> Path:
+        return self.dirpath / member / "checkpoints" / f"{which}.ckpt"
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: PopulationModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        for name in pl_module.members:
+            score = trainer.callback_metrics.get(f"{name}/{self.monitor}")
+            if score is None:
+                continue
+            best = pl_module.best.get(name)
+            if best is None or float(score) > float(best["top1"]):
+                pl_module.best[name] = {"top1": float(score), "epoch": trainer.current_epoch}
+                self.save(trainer, pl_module, name, "best")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: PopulationModule) -> None:
+        if trainer.is_global_zero:
+            for name in pl_module.members:
+                self.save(trainer, pl_module, name, "last")
+
+    def save(self, trainer: L.Trainer, pl_module: PopulationModule, name: str, which: str) -> None:
+        path = self.path(name, which)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "state_dict": pl_module.member_state(name),
+            "hyper_parameters": dict(pl_module.members[name].hparams),
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "member": name,
+            "pytorch-lightning_version": L.__version__,
+        }
+        partial = path.with_name(path.name + ".partial")
+        torch.save(payload, partial)
+        os.replace(partial, path)
+
+
+# ---------------------------------------------------------------------- configuration
+def check_member_names(names: Sequence[str]) -> None:
+    """Reject an empty population, duplicate names and names that are no folder or log prefix."""
+    if not names:
+        raise ValueError(
+            "the population has no members: give population.members a mapping of member names "
+            "to overrides, e.g. {kd: [method=kd], gompertz: [method=gkd, schedule=gompertz]}"
+        )
+    seen = set()
+    for name in names:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(
+                f"population member name {name!r}: use letters, digits, '_' and '-' (it names a "
+                "folder and prefixes the member's logged metrics)"
+            )
+        if name in seen:
+            raise ValueError(f"population member name {name!r} appears twice; names must differ")
+        seen.add(name)
+
+
+def member_names(population: DictConfig) -> dict[str, tuple[list[str], int | None]]:
+    """``name -> (overrides, init seed)`` of every member, replicated over ``seeds`` when given
+    (``<name>_s<seed>``; ``None``: the run's seed)."""
+    members = population.get("members")
+    if not members:
+        check_member_names([])
+    if not isinstance(members, Mapping):
+        raise ValueError(
+            "population.members must map member names to lists of overrides, got "
+            f"{OmegaConf.to_container(members) if isinstance(members, DictConfig) else members!r}"
+        )
+    seeds = population.get("seeds")
+    seeds = None if seeds is None else [int(s) for s in seeds]
+    if seeds is not None and len(set(seeds)) != len(seeds):
+        raise ValueError(f"population.seeds={seeds} repeats a seed; each seed once")
+    if seeds is not None and not seeds:
+        check_member_names([])
+    out: dict[str, tuple[list[str], int | None]] = {}
+    names: list[str] = []
+    for base, overrides in members.items():
+        if overrides is None:
+            overrides = []
+        if isinstance(overrides, str) or not isinstance(overrides, Sequence | list):
+            overrides = list(overrides) if not isinstance(overrides, str) else [overrides]
+        overrides = [str(o) for o in overrides]
+        for o in overrides:
+            if o.split("=", 1)[0].lstrip("+~").split(".")[0] in ("seed", "population"):
+                raise ValueError(
+                    f"population member {base!r} sets {o!r}: a member's seed comes from "
+                    "population.seeds, and a member cannot hold a population"
+                )
+        for seed in seeds if seeds is not None else [None]:
+            name = str(base) if seed is None else f"{base}_s{seed}"
+            names.append(name)
+            out[name] = (overrides, seed)
+    check_member_names(names)
+    return out
+
+
+def compose_members(
+    cfg: DictConfig, base_overrides: Sequence[str]
+) -> dict[str, tuple[DictConfig, int]]:
+    """Each member's full run config: ``train`` composed from ``base_overrides`` (the population
+    run's command line, without its population settings) plus the member's overrides and seed.
+
+    Raises:
+        ValueError: a member changes a group members share (data, model, trainer, teacher).
+    """
+    kept = [
+        o
+        for o in base_overrides
+        if not o.lstrip("+~").startswith(("population", "hydra.", "ckpt_path=", "seed="))
+    ]
+    specs = member_names(cfg.population)
+
+    def compose_all() -> dict[str, tuple[DictConfig, int]]:
+        out = {}
+        for name, (overrides, seed) in specs.items():
+            seed = int(cfg.seed) if seed is None else seed
+            try:
+                member = compose("train", overrides=[*kept, *overrides, f"seed={seed}"])
+            except Exception as error:
+                raise ValueError(
+                    f"population member {name!r}: its overrides {overrides} do not compose: {error}"
+                ) from error
+            out[name] = (member, seed)
+        return out
+
+    if GlobalHydra.instance().is_initialized():
+        members = compose_all()
+    else:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            members = compose_all()
+    for name, (member, _) in members.items():
+        for group in SHARED_GROUPS:
+            own = OmegaConf.to_container(member[group], resolve=False)
+            shared = OmegaConf.to_container(cfg[group], resolve=False)
+            if own != shared:
+                changed = _first_difference(own, shared, group)
+                raise ValueError(
+                    f"population member {name!r} changes {changed}: members share the data, the "
+                    f"networks and the recipe ({', '.join(SHARED_GROUPS)}); vary the method, its "
+                    "schedules and the seed, or run that configuration in another population"
+                )
+    return members
+
+
+def _first_difference(a: Any, b: Any, path: str) -> str:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for key in sorted(set(a) | set(b), key=str):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{path}.{key}")
+    return f"{path} ({a!r}, the population's {b!r})"
+
+
+def _check_same(members, name, keys, read, where) -> None:
+    first_name, first = next(iter(members.items()))
+    for key in keys:
+        if read(members[name], key) != read(first, key):
+            raise ValueError(
+                f"population members {first_name!r} and {name!r} differ in {where} option {key} "
+                f"({read(first, key)!r} vs {read(members[name], key)!r}): members share one teacher "
+                "pass and one optimiser"
+            )
+
+
+# ---------------------------------------------------------------------- the run
+def run_population(cfg: DictConfig, base_overrides: Sequence[str] | None = None):
+    """Train the population of ``cfg.population``; write each member's results and return a
+    :class:`~gompertz_kd.train.TrainingRun` whose ``results`` maps member names to theirs.
+
+    ``base_overrides``: the overrides the members are composed from (default: the command line of
+    the Hydra run; give them when composing the config yourself, e.g. in a notebook).
+    """
+    from gompertz_kd import train as single
+
+    start = time.time()
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if base_overrides is None:
+        if not single.HydraConfig.initialized():
+            raise ValueError(
+                "a population composes its members from the run's overrides: run it with "
+                "`python -m gompertz_kd.run ... population=NAME`, or call "
+                "run_population(cfg, base_overrides=[...]) with the overrides cfg was composed from"
+            )
+        base_overrides = single._task_overrides()
+    members_cfg = compose_members(cfg, base_overrides)
+    objectives = {name: single.check_config(member) for name, (member, _) in members_cfg.items()}
+    single.check_config(cfg)
+    resume = single._resume_checkpoint(cfg, output_dir)
+    distils = any(o.terms for o in objectives.values())
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = single.build(cfg.data)
+    num_train_samples = None
+    if any(Need.INDICES in o.needs for o in objectives.values()):
+        datamodule.with_indices = True
+        datamodule.setup("fit")
+        num_train_samples = datamodule.num_train_samples
+    provision_start = time.time()
+    teacher_ckpt = single.provision_teacher(cfg) if distils else None
+    teacher_provision_s = time.time() - provision_start
+
+    members: dict[str, DistillationModule] = {}
+    for name, (member_cfg, seed) in members_cfg.items():
+        # as a single run of this member: seeded, then built (the student's init, its parts')
+        L.seed_everything(seed, workers=True)
+        members[name] = single.build_module(
+            member_cfg,
+            num_classes=datamodule.num_classes,
+            teacher_ckpt=teacher_ckpt,
+            objective=objectives[name],
+            num_train_samples=num_train_samples,
+        )
+    module = PopulationModule(members)
+    if cfg.get("compile"):
+        for member in members.values():
+            member.compile_networks()
+    L.seed_everything(cfg.seed, workers=True)
+
+    callbacks = [
+        c
+        for c in single._instantiate_group(cfg.get("callbacks"))
+        if not isinstance(c, GompertzWeightCallback)
+    ]
+    for c in callbacks:
+        if isinstance(c, ModelCheckpoint):
+            c.monitor = None  # the population's checkpoint is for resuming; members keep bests
+            c.save_top_k = 1
+    for name, (member_cfg, _) in members_cfg.items():
+        node = (member_cfg.get("callbacks") or {}).get("gompertz_weight")
+        if objectives[name].terms and node is not None:
+            callbacks.append(MemberWeightCallback(single.build(node), name))
+    member_checkpoints = MemberCheckpoint(output_dir / MEMBERS_DIR)
+    callbacks.append(member_checkpoints)
+    loggers = single._instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = single.build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    resume_from = None
+    if resume is not None:
+        path, name, ckpt = resume
+        expected = module.state_dict()
+        for prefix in module._teacher_copies():
+            expected = {k: v for k, v in expected.items() if not k.startswith(prefix)}
+        single._check_resume_fits(ckpt, name, expected)
+        resume_from = str(path)
+        del resume, ckpt
+        single._continue_csv_history(loggers)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    if trainer.interrupted:
+        raise RuntimeError("training was interrupted; no results.json written")
+
+    results = _member_results(
+        cfg, members_cfg, trainer, module, datamodule, member_checkpoints, output_dir,
+        start, teacher_provision_s,
+    )  # fmt: skip
+    return single.TrainingRun(results=results, module=module, trainer=trainer)
+
+
+def _member_results(
+    cfg, members_cfg, trainer, module, datamodule, checkpoints, output_dir, start, provision_s
+) -> dict[str, dict[str, Any]]:
+    from gompertz_kd import train as single
+
+    names = list(module.members)
+    final = _test_members(trainer, module, datamodule) if cfg.get("test") else {}
+    best: dict[str, dict[str, Any]] = {}
+    if cfg.get("test") and all(checkpoints.path(n, "best").is_file() for n in names):
+        last = {n: module.member_state(n) for n in names}
+        for n in names:
+            state = torch.load(checkpoints.path(n, "best"), map_location="cpu", weights_only=True)
+            module.members[n].load_state_dict(state["state_dict"], strict=False)
+        tested = _test_members(trainer, module, datamodule)
+        for n in names:
+            module.members[n].load_state_dict(last[n], strict=False)
+            best[n] = {
+                **tested[n],
+                "epoch": module.best.get(n, {}).get("epoch"),
+                "selected_on": "test" if int(cfg.data.get("val_split", 0)) == 0 else "val",
+            }
+    timer = next((c for c in trainer.callbacks if isinstance(c, RunTimer)), None)
+    population_csv = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+    wall = time.time() - start - provision_s
+    out = {}
+    for name, (member_cfg, seed) in members_cfg.items():
+        member = module.members[name]
+        member_dir = output_dir / MEMBERS_DIR / name
+        member_dir.mkdir(parents=True, exist_ok=True)
+        history = None
+        if population_csv is not None and trainer.is_global_zero:
+            source = Path(population_csv.log_dir) / "metrics.csv"
+            if source.is_file():
+                split_history(source, name, names, member_dir / "csv" / "metrics.csv")
+                history = "csv/metrics.csv"
+        stage = member.stage_at(member.progress)
+        base = str(member_cfg.get("name") or _base_name(name, cfg.population))
+        best_score = module.best.get(name, {}).get("top1")
+        results = {
+            "status": "completed",
+            "name": base,
+            "overrides": [
+                *(
+                    o
+                    for o in single._task_overrides()
+                    if not o.lstrip("+~").startswith("population")
+                ),
+                *members_cfg_overrides(cfg, name),
+            ],
+            "seed": seed,
+            "data_seed": int(cfg.seed),
+            "dataset": cfg.data.dataset,
+            "teacher": member.hparams.get("teacher"),
+            "student": cfg.model.student,
+            "test": final.get(name, {"top1": None, "top5": None}),
+            "best": best.get(
+                name, {"top1": None, "top5": None, "epoch": None, "selected_on": None}
+            ),
+            "best_val_top1": best_score,
+            "epochs": trainer.current_epoch,
+            "history": history,
+            "final_weights": dict(member.loss_weights),
+            "final_stage": stage.name.lower() if stage is not None else None,
+            # the population's time: every member trained in it, side by side
+            "wall_time_s": wall,
+            "teacher_provision_s": provision_s,
+            "train_images_per_s": timer.images_per_second if timer else None,
+            "git_commit": single._git_commit(),
+            "run_dir": str(member_dir),
+            "population": {
+                "name": str(cfg.population.get("name") or "population"),
+                "run_dir": str(output_dir),
+                "members": names,
+            },
+            "config": OmegaConf.to_container(member_cfg, resolve=True),
+        }
+        if trainer.is_global_zero:
+            single._write_json_atomically(member_dir / single.RESULTS_FILE, results)
+        out[name] = results
+    log.info("Population of %d members written to %s", len(names), output_dir / MEMBERS_DIR)
+    return out
+
+
+def members_cfg_overrides(cfg: DictConfig, name: str) -> list[str]:
+    overrides, seed = member_names(cfg.population)[name]
+    return [*overrides, *([] if seed is None else [f"seed={seed}"])]
+
+
+def _base_name(name: str, population: DictConfig) -> str:
+    """A replicated member's name without its ``_s<seed>`` suffix (the report groups seeds by it)."""
+    if population.get("seeds") is not None:
+        return re.sub(r"_s-?\d+$", "", name)
+    return name
+
+
+def _test_members(trainer, module, datamodule) -> dict[str, dict[str, float]]:
+    metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    return {
+        n: {"top1": float(metrics[f"{n}/test/top1"]), "top5": float(metrics[f"{n}/test/top5"])}
+        for n in module.members
+    }
+
+
+def split_history(source: Path, name: str, names: Sequence[str], target: Path) -> None:
+    """Member ``name``'s history from the population's ``metrics.csv``: its own columns with the
+    prefix removed, plus the shared ones (epoch, step, learning rate), rows where it logged."""
+    with open(source, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = list(reader.fieldnames or [])
+        rows = list(reader)
+    prefix = f"{name}/"
+    others = tuple(f"{n}/" for n in names if n != name)
+    own = [c for c in fields if c.startswith(prefix)]
+    shared = [c for c in fields if not c.startswith(prefix) and not c.startswith(others)]
+    columns = shared + [c[len(prefix) :] for c in own]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    with open(partial, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            values = [row.get(c, "") for c in shared] + [row.get(c, "") for c in own]
+            if any(row.get(c) for c in own) or any(
+                row.get(c) for c in shared if c not in ("epoch", "step")
+            ):
+                writer.writerow(values)
+    os.replace(partial, target)
