@@ -64,6 +64,13 @@ from hydra import compose, initialize_config_dir
 from torch import Tensor, nn
 
 from gompertz_kd import losses
+from gompertz_kd.bench_population import (
+    POPULATION_CASES,
+    PopulationCase,
+    PopulationRow,
+    population_rows,
+    population_table,
+)
 from gompertz_kd.callbacks import GompertzWeightCallback
 from gompertz_kd.config import CONFIG_DIR
 from gompertz_kd.data import (
@@ -97,8 +104,8 @@ __all__ = [
     "write_report",
 ]
 
-SECTIONS = ("steps", "methods", "accuracy", "data", "compile", "throughput")
-DEFAULT_SECTIONS = ("steps", "methods", "accuracy", "data", "compile")
+SECTIONS = ("steps", "methods", "population", "accuracy", "data", "compile", "throughput")
+DEFAULT_SECTIONS = ("steps", "methods", "population", "accuracy", "data", "compile")
 # the methods section: one config per method; the ratios are to the baseline's step, and the
 # student alone is no distillation method (no teacher, nothing to compare)
 METHOD_DIR = CONFIG_DIR / "method"
@@ -1363,6 +1370,20 @@ def render(
             *ratio_table(rat),
             "",
         ]
+    if "population" in sections:
+        lines += [
+            "### Populations: K members on one teacher pass",
+            "",
+            "A population step (the teacher once; every member's student, terms, one backward of "
+            "the summed losses, one SGD step) timed round-robin with each member's single-run "
+            "step (its own teacher pass each), the ratio taken within each round. Members from "
+            "`conf/population/<name>.yaml`, built as training runs build them (seed replicas "
+            "beyond its size). Member-images/s: K × batch / step time. See "
+            "`gompertz_kd.bench_population`.",
+            "",
+            *population_table(sections["population"]),
+            "",
+        ]
     if "methods" in sections:
         methods = sections["methods"]
         model_options = ", ".join(
@@ -1487,6 +1508,44 @@ def write_report(path: Path, body: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- main
+def _population(args: argparse.Namespace, setup: Setup, memory: list) -> list[PopulationRow]:
+    """The population section: ``--population`` at ``--population-sizes`` on this pair, or the
+    standard cases (:data:`~gompertz_kd.bench_population.POPULATION_CASES`) each on its pair."""
+    if args.population:
+        sizes = tuple(int(k) for k in args.population_sizes.split(",") if k)
+        compared = {int(k) for k in args.population_singles.split(",") if k}
+        case = PopulationCase(
+            setup.teacher, setup.student, setup.num_classes, args.population, sizes
+        )
+        rows = []
+        for size in sizes:
+            _progress(f"population {args.population}, K={size}")
+            rows += population_rows(
+                setup, case, [size], args.repeats, args.warmup, args.train_images, memory,
+                compare=size in compared,
+            )  # fmt: skip
+        return rows
+    rows = []
+    for case in POPULATION_CASES:
+        _progress(f"population {case.population}, {case.teacher} -> {case.student}")
+        pair = Setup(
+            teacher=case.teacher,
+            student=case.student,
+            num_classes=case.num_classes,
+            batch=setup.batch,
+            device=setup.device,
+            precision=setup.precision,
+            channels_last=setup.channels_last,
+            teacher_ckpt=None,
+            gm_every=setup.gm_every,
+        )
+        pair.deadline = setup.deadline
+        rows += population_rows(
+            pair, case, case.sizes, args.repeats, args.warmup, args.train_images, memory
+        )
+    return rows
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m gompertz_kd.bench", description=__doc__.split("\n")[0]
@@ -1518,6 +1577,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="",
         help="methods section: comma-separated conf/method names (default: every one but "
         f"{STUDENT_METHOD}; {BASELINE_METHOD}, the baseline, always runs)",
+    )
+    parser.add_argument(
+        "--population",
+        default=None,
+        help="population section: a conf/population name timed on the pair above at "
+        "--population-sizes (default: the cases of bench_population.POPULATION_CASES, each on "
+        "its own pair)",
+    )
+    parser.add_argument(
+        "--population-sizes", default="1,6", help="with --population: member counts K to time"
+    )
+    parser.add_argument(
+        "--population-singles",
+        default="6",
+        help="with --population: the largest K also timed as single steps (the ratio)",
     )
     parser.add_argument("--compile", action="store_true", help="run the torch.compile parts")
     parser.add_argument("--epochs", type=int, default=240)
@@ -1592,6 +1666,9 @@ def main(argv: Sequence[str] | None = None) -> str:
             sections["methods"] = methods_section(
                 setup, args.repeats, args.warmup, args.train_images, memory, args.method_list
             )
+        if "population" in args.section_list:
+            budget(0.7)
+            sections["population"] = _population(args, setup, memory)
         if "accuracy" in args.section_list:
             _progress("accuracy")
             fd_steps = [float(s) for s in args.fd_steps.split(",") if s]

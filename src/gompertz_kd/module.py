@@ -401,6 +401,8 @@ class DistillationModule(L.LightningModule):
         if self.fold_teacher_bn:
             folded = fold_batchnorm(self.teacher)
             if folded is not None:
+                # on the teacher's device, whatever the copy's tensors were made on
+                folded = folded.to(next(self.teacher.parameters()).device)
                 if self.channels_last:
                     folded = folded.to(memory_format=torch.channels_last)
                 runner = folded

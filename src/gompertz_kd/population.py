@@ -163,20 +163,29 @@ class PopulationModule(L.LightningModule):
                 passes[False] = lead.teacher_forward(images)
         return passes
 
-    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict[str, Any] | None:
-        images, targets, *rest = batch
-        indices = rest[0] if rest else None
-        step = self.global_step
+    def member_losses(
+        self, images: Tensor, targets: Tensor, step: int, indices: Tensor | None = None
+    ) -> dict[str, tuple[Tensor, dict[str, Tensor], Tensor | None]]:
+        """Every member's :meth:`~gompertz_kd.module.DistillationModule.compute_losses` on one
+        batch, the teacher run once for all (:meth:`teacher_passes`): ``name -> (student
+        logits, unweighted terms, teacher logits)``."""
         passes = self.teacher_passes(images, targets, step)
-        batch_size = targets.shape[0]
-        totals, out = [], {}
+        out = {}
         for name, member in self.members.items():
             shared = None
             if member.teacher is not None and member.due_terms(step):
                 shared = passes[member.gm_due(step)]
-            logits, terms, teacher_logits = member.compute_losses(
-                images, targets, step, indices, teacher=shared
-            )
+            out[name] = member.compute_losses(images, targets, step, indices, teacher=shared)
+        return out
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict[str, Any] | None:
+        images, targets, *rest = batch
+        indices = rest[0] if rest else None
+        losses = self.member_losses(images, targets, self.global_step, indices)
+        batch_size = targets.shape[0]
+        totals, out = [], {}
+        for name, member in self.members.items():
+            logits, terms, teacher_logits = losses[name]
             total = member.weighted_total(terms)
             if self.trainer.strategy.reduce_boolean_decision(
                 not bool(torch.isfinite(total)), all=False

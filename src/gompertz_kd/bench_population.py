@@ -1,0 +1,224 @@
+"""The ``population`` section of ``python -m gompertz_kd.bench``: what one teacher pass saves.
+
+A population step (:class:`~gompertz_kd.population.PopulationModule`: the teacher once, then every
+member's student, terms, one backward of the summed losses and one SGD step) is timed side by side
+with the single-run step of each of its members (each running its own teacher), round-robin;
+the ratio *population step / sum of the members' single steps* is taken within each round.
+Members come from a ``conf/population`` config (each built as a training run builds it), cycled
+with seed replicas up to the size asked (K = 18 from the six-member paper table is each member
+three times). Peak memory per extra member: (population peak - one member's single-step peak)
+/ (K - 1).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from torch import Tensor
+
+from gompertz_kd.config import CONFIG_DIR
+from gompertz_kd.module import DistillationModule
+from gompertz_kd.objectives import Need
+from gompertz_kd.population import PopulationModule, member_names
+from gompertz_kd.train import build_objective
+
+__all__ = [
+    "POPULATION_CASES",
+    "PopulationCase",
+    "PopulationRow",
+    "population_rows",
+    "population_table",
+]
+
+# model options a member's config sets that change what a step computes
+MEMBER_MODEL_OPTIONS = ("gm_every", "gm_precision", "teacher_precision", "fold_teacher_bn")
+
+
+@dataclass(frozen=True)
+class PopulationCase:
+    """A pair, the population config its members come from, the sizes K to time and the target
+    ratio (population step / sum of single steps) at the largest K compared with single runs."""
+
+    teacher: str
+    student: str
+    num_classes: int
+    population: str
+    sizes: tuple[int, ...]
+    target: float | None = None
+
+
+# What `make bench` times: the paper's table as one population, and the CPU schedule comparison.
+POPULATION_CASES = (
+    PopulationCase("ResNet50", "MobileNetV2", 100, "paper_table", (6,), target=0.25),
+    PopulationCase("resnet20", "resnet8", 10, "schedules_kd", (4,), target=0.8),
+)
+
+
+@dataclass
+class PopulationRow:
+    pair: str
+    population: str
+    members: list[str]
+    result: Any  # bench.Result of the population step
+    singles: float | None  # median over rounds of the summed single steps (s), None if not run
+    ratio: tuple[float, float, float] | None  # population / singles, per round
+    single_peak: Any = None  # bench.Result of the first member's single step (memory)
+    target: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class PopulationLoop:
+    """The population's training step without Lightning: one batch, every member's weights from
+    the schedule, the teacher once, every member's losses, one backward, one SGD step."""
+
+    def __init__(self, setup, population: PopulationModule, batches) -> None:
+        self.setup = setup
+        self.population = population
+        self.optimizer = population.configure_optimizers()["optimizer"]
+        self.batches = batches
+        self.step_index = 0
+        self.last_total: Tensor | None = None
+
+    def __call__(self) -> None:
+        images, targets, *rest = next(self.batches)
+        indices = rest[0] if rest else None
+        members = self.population.members
+        for member in members.values():
+            member.set_progress((self.step_index % 1000) / 1000)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.setup.autocast():
+            losses = self.population.member_losses(images, targets, self.step_index, indices)
+            total = sum(members[n].weighted_total(terms) for n, (_, terms, _) in losses.items())
+        total.backward()
+        self.optimizer.step()
+        self.last_total = total.detach()
+        self.step_index += 1
+
+
+def member_specs(population: str, size: int) -> list[tuple[str, Any]]:
+    """``(name, composed config)`` of ``size`` members of ``conf/population/<population>``: its
+    members in order, then again as seed replicas. K = 1 is the first member with terms."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"population={population}"])
+        specs = member_names(cfg.population)
+        composed = {
+            name: compose("train", overrides=list(overrides))
+            for name, (overrides, _) in specs.items()
+        }
+    names = list(composed)
+    if size == 1:
+        names = [next(n for n in names if build_objective(composed[n]).terms)]
+    out = []
+    for replica, name in itertools.islice(((r, n) for r in itertools.count() for n in names), size):
+        out.append((name if replica == 0 else f"{name}_r{replica}", composed[name]))
+    return out
+
+
+def population_rows(
+    setup,
+    case: PopulationCase,
+    sizes: Sequence[int],
+    repeats: int,
+    warmup: int,
+    num_train_samples: int,
+    memory: list,
+    compare: bool = True,
+) -> list[PopulationRow]:
+    """Time the population of each size against its members' single steps (``compare``)."""
+    from gompertz_kd import bench  # the harness: Case, PlainLoop, timed, run_round_robin
+
+    rows = []
+    for size in sizes:
+        specs = member_specs(case.population, size)
+        modules: dict[str, DistillationModule] = {}
+        for name, cfg in specs:
+            options = {key: cfg.model[key] for key in MEMBER_MODEL_OPTIONS}
+            modules[name] = setup.module(
+                objective=build_objective(cfg), num_train_samples=num_train_samples, **options
+            )
+        with_indices = any(Need.INDICES in m.objective.needs for m in modules.values())
+        cases = []
+        singles: dict[str, Callable[[], None]] = {}
+        if compare:
+            for name, module in modules.items():
+                singles[name] = bench.PlainLoop(setup, module)
+                cases.append(
+                    bench.Case(
+                        f"single {name}", bench.timed(singles[name], setup.device), setup.batch
+                    )
+                )
+        # the members' own modules serve the population too: its step trains the same weights
+        population = PopulationModule(modules)
+        loop = PopulationLoop(
+            setup, population, bench._forever(setup.tensor_loader(with_indices=with_indices))
+        )
+        label = f"population K={size}"
+        cases.append(bench.Case(label, bench.timed(loop, setup.device), setup.batch, memory=loop))
+        results = bench.run_round_robin(cases, repeats, warmup, setup.deadline)
+        memory.append((results[label], loop))
+        row = PopulationRow(
+            pair=f"{setup.teacher} → {setup.student}",
+            population=case.population,
+            members=list(modules),
+            result=results[label],
+            singles=None,
+            ratio=None,
+            target=case.target if size == max(case.sizes) else None,
+        )
+        if compare:
+            per_round = [
+                sum(results[f"single {n}"].seconds[i] for n in modules)
+                for i in range(len(results[label].seconds))
+            ]
+            row.singles = sorted(per_round)[len(per_round) // 2]
+            row.ratio = bench.summarize(
+                [p / s for p, s in zip(results[label].seconds, per_round, strict=True)]
+            )
+            first = next(iter(modules))
+            row.single_peak = results[f"single {first}"]
+            memory.append((row.single_peak, singles[first]))
+        if loop.last_total is not None and not bool(loop.last_total.isfinite()):
+            row.notes.append("non-finite loss (random weights); timed anyway")
+        rows.append(row)
+        print("\n".join(population_table([row])), flush=True)
+    return rows
+
+
+def population_table(rows: Sequence[PopulationRow]) -> list[str]:
+    lines = [
+        "| pair | K | members | population ms/step | Σ single steps ms | population / Σ singles "
+        "(median, min–max) | target | member-images/s | peak MiB | MiB per extra member |",
+        "|---|---:|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        k = len(row.members)
+        ms = row.result.median * 1e3
+        ratio = (
+            "—"
+            if row.ratio is None
+            else f"{row.ratio[0]:.2f} ({row.ratio[1]:.2f}–{row.ratio[2]:.2f})"
+        )
+        target = "—"
+        if row.target is not None and row.ratio is not None:
+            target = f"≤ {row.target:g}: {'yes' if row.ratio[0] <= row.target else 'no'}"
+        singles = "—" if row.singles is None else f"{row.singles * 1e3:.0f}"
+        peak = row.result.peak_mib
+        extra = "—"
+        if (
+            peak is not None
+            and row.single_peak is not None
+            and row.single_peak.peak_mib is not None
+            and k > 1
+        ):
+            extra = f"{(peak - row.single_peak.peak_mib) / (k - 1):.0f}"
+        shown = ", ".join(row.members) if k <= 6 else f"{', '.join(row.members[:6])}, … ({k})"
+        lines.append(
+            f"| {row.pair} | {k} | {shown} | {ms:.0f} | {singles} | {ratio} | {target} | "
+            f"{k * row.result.images_per_step / row.result.median:.0f} | "
+            f"{'n/a' if peak is None else f'{peak:.0f}'} | {extra} |"
+        )
+    return lines
