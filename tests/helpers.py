@@ -83,3 +83,50 @@ def tiny_kd_overrides(root, out, teacher_cache, max_epochs: int = 1) -> list[str
         "print_config=false",
         "callbacks.rich_progress_bar=null",
     ]
+
+
+class KillAt(L.Callback):
+    """SIGKILLs this process, no handler running (crash tests): at the start of training step
+    ``step`` (``where="step"``), or in the middle of the first checkpoint write at or after that
+    step (``where="save"``: half the bytes reach the ``.partial`` file, then the kill). With
+    ``seed``, only in the run seeded with it (one job of a sweep)."""
+
+    def __init__(self, step: int, where: str = "step", seed: int | None = None):
+        if where not in ("step", "save"):
+            raise ValueError(f"where must be 'step' or 'save', got {where!r}")
+        self.step, self.where, self.seed = step, where, seed
+
+    def _armed(self) -> bool:
+        return self.seed is None or torch.initial_seed() == self.seed
+
+    def setup(self, trainer, pl_module, stage):
+        if self.where != "save" or not self._armed():
+            return
+        import io
+        import os
+        import signal
+
+        from gompertz_kd.checkpoints import AtomicCheckpointIO
+
+        original, kill = AtomicCheckpointIO._write, self
+
+        def write(checkpoint, partial):
+            if trainer.global_step >= kill.step:
+                buffer = io.BytesIO()
+                torch.save(checkpoint, buffer)
+                data = buffer.getvalue()
+                with open(partial, "wb") as f:
+                    f.write(data[: len(data) // 2])
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+            original(checkpoint, partial)
+
+        AtomicCheckpointIO._write = staticmethod(write)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import os
+        import signal
+
+        if self.where == "step" and self._armed() and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -18,7 +18,14 @@ from typing import Any
 import lightning as L
 import torch
 
-__all__ = ["GompertzWeightCallback", "GracefulStop", "RunInterrupted", "RunTimer", "checkpoint_dir"]
+__all__ = [
+    "GompertzWeightCallback",
+    "GracefulStop",
+    "IntervalCheckpoint",
+    "RunInterrupted",
+    "RunTimer",
+    "checkpoint_dir",
+]
 
 
 class GompertzWeightCallback(L.Callback):
@@ -323,6 +330,65 @@ class GracefulStop(L.Callback):
         for logger in trainer.loggers:
             logger.save()
         raise RunInterrupted(signum, str(path), trainer.global_step)
+
+
+class IntervalCheckpoint(L.Callback):
+    """Write ``last.ckpt`` in the middle of epochs too: every ``every_n_steps`` optimiser steps
+    and/or every ``every_n_minutes`` of training (whichever comes first; both ``None``: off).
+
+    Epoch-end checkpoints alone lose up to an epoch to a hard kill (SIGKILL, the OOM killer, a
+    lost node), where no signal handler runs. The checkpoint is written after a batch, when
+    model, optimiser, schedules and data position agree, so ``ckpt_path=last`` resumes it exactly,
+    mid-epoch included; it is written atomically (:class:`~gompertz_kd.checkpoints.AtomicCheckpointIO`).
+    Under DDP rank 0's clock decides for all ranks. Its cost per save is in docs/benchmarks.md.
+    """
+
+    def __init__(
+        self, every_n_steps: int | None = None, every_n_minutes: float | None = None
+    ) -> None:
+        if every_n_steps is not None and int(every_n_steps) < 1:
+            raise ValueError(
+                f"every_n_steps must be >= 1 or null, got every_n_steps={every_n_steps}"
+            )
+        if every_n_minutes is not None and not float(every_n_minutes) > 0:
+            raise ValueError(
+                f"every_n_minutes must be > 0 or null, got every_n_minutes={every_n_minutes}"
+            )
+        self.every_n_steps = None if every_n_steps is None else int(every_n_steps)
+        self.every_n_minutes = None if every_n_minutes is None else float(every_n_minutes)
+        self._last_step = 0
+        self._last_time = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
+        self._last_time = time.monotonic()
+
+    def due(self, trainer: L.Trainer) -> bool:
+        steps = self.every_n_steps is not None and (
+            trainer.global_step - self._last_step >= self.every_n_steps
+        )
+        minutes = self.every_n_minutes is not None and (
+            time.monotonic() - self._last_time >= 60.0 * self.every_n_minutes
+        )
+        if self.every_n_minutes is not None and trainer.world_size > 1:
+            minutes = bool(trainer.strategy.broadcast(minutes, src=0))
+        return steps or minutes
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.every_n_steps is None and self.every_n_minutes is None:
+            return
+        if not self.due(trainer):
+            return
+        trainer.save_checkpoint(checkpoint_dir(trainer) / "last.ckpt")
+        self._last_step = trainer.global_step
+        self._last_time = time.monotonic()
 
 
 def checkpoint_dir(trainer: L.Trainer) -> Path:

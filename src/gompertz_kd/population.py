@@ -617,7 +617,7 @@ def run_population(cfg: DictConfig, base_overrides: Sequence[str] | None = None)
     member_checkpoints = MemberCheckpoint(output_dir / MEMBERS_DIR)
     callbacks.append(member_checkpoints)
     loggers = single._instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = single.build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = single.build_trainer(cfg, callbacks, loggers)
     resume_from = None
     if resume is not None:
         path, name, ckpt = resume

@@ -21,7 +21,7 @@ import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from gompertz_kd.checkpoints import check_weights
+from gompertz_kd.checkpoints import CheckpointError, check_weights
 from gompertz_kd.data.sources import CLASSES
 from gompertz_kd.models import create_model
 
@@ -125,10 +125,25 @@ def provision_teacher(cfg: DictConfig) -> str | None:
 
 
 def _train_and_store(cfg: DictConfig, path: Path) -> None:
-    from gompertz_kd.train import run_training  # train imports this module
+    from gompertz_kd.train import newest_valid_checkpoint, run_training  # train imports this
 
     teacher_cfg = _teacher_run_config(cfg, path.with_suffix(".run"))
     log.info("Training teacher %s (no cached weights at %s)", cfg.model.teacher, path)
+    # A teacher training killed earlier (no weights file was written: that happens last) left
+    # its checkpoints: resume from the newest valid one; if none is usable, start again.
+    checkpoints = path.with_suffix(".run") / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.glob("*.ckpt")):
+        try:
+            resume_from, _, _ = newest_valid_checkpoint(checkpoints)
+        except CheckpointError as error:
+            log.warning(
+                "An interrupted teacher training left no usable checkpoint (%s); starting it again",
+                error,
+            )
+        else:
+            log.info("Resuming the interrupted teacher training from %s", resume_from)
+            with open_dict(teacher_cfg):
+                teacher_cfg.ckpt_path = "last"
     run = run_training(teacher_cfg)
     payload = {
         "model": run.module.student.state_dict(),

@@ -30,7 +30,12 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from gompertz_kd.callbacks import RunTimer
-from gompertz_kd.checkpoints import CheckpointError, read_checkpoint, weight_differences
+from gompertz_kd.checkpoints import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    read_checkpoint,
+    weight_differences,
+)
 from gompertz_kd.config import ROOT_DIR, print_config_tree
 from gompertz_kd.data.sources import DATASETS
 from gompertz_kd.models import list_models
@@ -116,7 +121,7 @@ def run_training(cfg: DictConfig) -> TrainingRun:
         module.compile_networks()
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = build_trainer(cfg, callbacks, loggers)
     resume_from = None
     if resume is not None:
         path, name, ckpt = resume
@@ -161,6 +166,19 @@ def build_module(
         num_train_samples=num_train_samples,
         teacher=cfg.model.get("teacher") if objective.terms else None,
         _convert_="all",
+    )
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> L.Trainer:
+    """The Trainer of ``cfg.trainer`` with these callbacks and loggers, writing checkpoints
+    through :class:`~gompertz_kd.checkpoints.AtomicCheckpointIO` (a temporary name, fsync, an
+    atomic rename), so a killed run never leaves a half-written checkpoint under a real name."""
+    plugins = list(cfg.trainer.get("plugins") or [])
+    return build(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[*plugins, AtomicCheckpointIO()],
     )
 
 
@@ -372,19 +390,63 @@ def _resume_checkpoint(
     if ckpt_path in (None, ""):
         return None
     if ckpt_path == "last":
-        path = output_dir / "checkpoints" / "last.ckpt"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"ckpt_path=last: no checkpoint at {path}. Resume inside the interrupted run's "
-                "directory (hydra.run.dir=<that run dir>) or give ckpt_path=<file>."
-            )
-        name = f"ckpt_path=last ({path})"
-    else:
-        path = Path(ckpt_path).expanduser().resolve()
-        if not path.exists():
-            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file ({path})")
-        name = f"ckpt_path={path}"
+        return newest_valid_checkpoint(output_dir / "checkpoints")
+    path = Path(ckpt_path).expanduser().resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file ({path})")
+    name = f"ckpt_path={path}"
     return path, name, _read_resume_checkpoint(path, name)
+
+
+def newest_valid_checkpoint(directory: Path) -> tuple[Path, str, Mapping[str, Any]]:
+    """What ``ckpt_path=last`` resumes from: ``directory/last.ckpt``, or, when that is missing or
+    damaged (a hard kill on a file system without atomic renames, a full disk), the valid
+    checkpoint of ``directory`` with the highest step, with a warning naming both. ``.partial``
+    files (writes a kill interrupted) are never read.
+
+    Raises:
+        FileNotFoundError: no checkpoint in ``directory``.
+        CheckpointError: checkpoints there, none of them usable (each one's problem named).
+    """
+    last = directory / "last.ckpt"
+    others = sorted(p for p in directory.glob("*.ckpt") if p.is_file() and p != last)
+    if not last.is_file() and not others:
+        raise FileNotFoundError(
+            f"ckpt_path=last: no checkpoint at {last}. Resume inside the interrupted run's "
+            "directory (hydra.run.dir=<that run dir>) or give ckpt_path=<file>."
+        )
+    problems = []
+    if last.is_file():
+        name = f"ckpt_path=last ({last})"
+        try:
+            return last, name, _read_resume_checkpoint(last, name)
+        except CheckpointError as error:
+            problems.append(str(error))
+    else:
+        problems.append(f"{last} is missing")
+    valid = []
+    for path in others:
+        name = f"ckpt_path=last ({path})"
+        try:
+            ckpt = _read_resume_checkpoint(path, name)
+        except CheckpointError as error:
+            problems.append(str(error))
+            continue
+        valid.append((int(ckpt["global_step"]), path.stat().st_mtime, path, name, ckpt))
+    if not valid:
+        raise CheckpointError(
+            f"ckpt_path=last: no usable checkpoint in {directory}: "
+            + " | ".join(problems)
+            + ". Start afresh without ckpt_path (in a new run directory)"
+        )
+    step, _, path, name, ckpt = max(valid, key=lambda v: (v[0], v[1]))
+    log.warning(
+        "ckpt_path=last: %s; resuming from the newest valid checkpoint instead, %s (step %d)",
+        problems[0],
+        path,
+        step,
+    )
+    return path, name, ckpt
 
 
 # What Lightning's trainer.fit(ckpt_path=...) restores from; a weights-only save lacks the last two.
