@@ -620,6 +620,33 @@ def steps_section(
     return results
 
 
+def checkpoint_cost(
+    setup: Setup, scratch: Path, results: dict[str, Result]
+) -> tuple[float, float, float]:
+    """``(seconds per checkpoint save, its MiB, seconds per Gompertz KD step)``: the median of 3
+    atomic saves of a Gompertz KD module's training state, as the Trainer writes it."""
+    from gompertz_kd.checkpoints import AtomicCheckpointIO
+
+    module = setup.module()
+    loop = PlainLoop(setup, module)
+    loop()  # momentum buffers exist, as in a checkpoint taken during training
+    state = {
+        "state_dict": module.state_dict(),
+        "optimizer_states": [loop.optimizer.state_dict()],
+        "epoch": 0,
+        "global_step": 1,
+    }
+    path = scratch / "bench.ckpt"
+    io, seconds = AtomicCheckpointIO(), []
+    for _ in range(3):
+        start = time.perf_counter()
+        io.save_checkpoint(state, path)
+        seconds.append(time.perf_counter() - start)
+    mib = path.stat().st_size / 2**20
+    path.unlink()
+    return statistics.median(seconds), mib, results["Gompertz KD step"].median
+
+
 def _torch_var_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`gompertz_kd.losses.channel_gaussian_stats` as it was, with ``torch.var``."""
     flat = features.flatten(2)
@@ -1370,6 +1397,22 @@ def render(
             *ratio_table(rat),
             "",
         ]
+    if "checkpoint" in sections:
+        save_s, mib, step_s = sections["checkpoint"]
+        lines += [
+            "### Checkpoint cost",
+            "",
+            "One training checkpoint of the Gompertz KD module (student, teacher, objective, SGD "
+            "state) written as runs write it (`AtomicCheckpointIO`: `.partial` file, fsync, "
+            f"atomic rename), median of 3: {save_s:.2f} s for {mib:.0f} MiB, "
+            f"{save_s / step_s:.1f} Gompertz KD steps' time. What "
+            "`callbacks.interval_checkpoint.every_n_minutes=N` costs in training time: "
+            + ", ".join(f"N = {n}: {100 * save_s / (60 * n):.2f} %" for n in (1, 5, 10, 30))
+            + "; `every_n_steps=N`: "
+            + ", ".join(f"N = {n}: {100 * save_s / (n * step_s):.1f} %" for n in (100, 500, 2000))
+            + ".",
+            "",
+        ]
     if "population" in sections:
         lines += [
             "### Populations: K members on one teacher pass",
@@ -1660,6 +1703,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             _progress("steps")
             results = steps_section(setup, args.repeats, args.warmup, scratch, memory)
             sections["steps"] = (results, ratios(results, setup.gm_every))
+            sections["checkpoint"] = checkpoint_cost(setup, scratch, results)
         if "methods" in args.section_list:
             budget(0.6)
             _progress("methods")
