@@ -1,5 +1,11 @@
 """Configuration plumbing: where ``conf/`` is, the schedule schemas, and the config tree printout.
 
+The configs ship inside the package (``gompertz_kd/conf``; in a checkout a link to its top-level
+``conf/``). Runs, teachers and caches go below ``paths.root_dir``: the checkout's top level when
+the package runs from a checkout, else the working directory (an installed package never writes
+beside its own files); ``GOMPERTZ_KD_ROOT`` or ``paths.*`` overrides either. Your own configs:
+``hydra.searchpath=[file:///path/to/conf]`` (e.g. an ``experiment/mine.yaml`` there).
+
 The schedule configs (``conf/schedule/*.yaml``) extend structured schemas registered here, so a
 misspelt key (``schedule.bb=3``) or a wrong type (``schedule.b=fast``) fails while Hydra composes
 the config, with Hydra's own message, before anything is built. Value ranges (``b > 0``) are
@@ -8,6 +14,7 @@ checked by the schedule classes themselves as the first step of :func:`gompertz_
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +26,15 @@ from rich.console import Console
 
 __all__ = ["CONFIG_DIR", "ROOT_DIR", "print_config_tree", "register_configs"]
 
-# The checkout: src/gompertz_kd/config.py -> parents[2]. conf/ sits at its top level.
-ROOT_DIR = Path(__file__).resolve().parents[2]
-CONFIG_DIR = ROOT_DIR / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_DIR = (PACKAGE_DIR / "conf").resolve()
+# The checkout this package runs from (src/gompertz_kd -> parents[1]), or None when installed.
+_CHECKOUT = PACKAGE_DIR.parents[1]
+ROOT_DIR: Path | None = (
+    _CHECKOUT
+    if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "conf").is_dir()
+    else None
+)
 
 
 # Types and names only: the values live in conf/schedule/*.yaml.
@@ -72,7 +85,8 @@ _SCHEMAS = {
 
 
 def _root_resolver() -> str:
-    return str(ROOT_DIR)
+    """``${gkd.root:}``: the checkout, or the working directory of an installed package."""
+    return str(ROOT_DIR) if ROOT_DIR is not None else os.getcwd()
 
 
 def register_configs() -> None:

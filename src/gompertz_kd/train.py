@@ -583,6 +583,8 @@ def _task_overrides() -> list[str]:
 
 
 def _git_commit() -> str | None:
+    if ROOT_DIR is None:  # an installed package: no checkout to ask
+        return None
     try:
         out = subprocess.run(
             ["git", "-C", str(ROOT_DIR), "rev-parse", "HEAD"],
