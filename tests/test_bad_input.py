@@ -15,14 +15,7 @@ from gompertz_kd.config import CONFIG_DIR
 from gompertz_kd.models import create_model
 from gompertz_kd.train import _resume_path, build_module, train
 
-from helpers import cpu_trainer, make_cifar_folder, random_loader, tiny_kd_overrides
-
-
-@pytest.fixture(scope="module")
-def tiny_c10(tmp_path_factory):
-    return make_cifar_folder(
-        tmp_path_factory.mktemp("c10"), "cifar10", train_per_class=2, test_per_class=1
-    )
+from helpers import cpu_trainer, random_loader, tiny_kd_overrides
 
 
 def cfg_for(root, out, *extra):

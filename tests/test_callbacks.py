@@ -117,14 +117,31 @@ def test_trajectory_progress_formula_and_monotone():
     assert restored.update_trajectory(0.9, 0.9, 10) == cb.update_trajectory(0.9, 0.9, 10)
 
 
+class ProgressRecorder(L.Callback):
+    """The trajectory progress after each step (runs after the weight callback's update)."""
+
+    def __init__(self, callback):
+        self.callback = callback
+        self.after: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after.append(self.callback.trajectory_progress)
+
+
 def test_trajectory_mode_drives_weights_from_student_accuracy_in_training():
     recorder = WeightRecorder()
     callback = GompertzWeightCallback(progress="trajectory", ema_momentum=0.5, monotone=False)
-    run(callback, recorder, max_epochs=1)
-    # the weight of each step is the schedule at the progress after the previous step
+    progress = ProgressRecorder(callback)
+    run(callback, recorder, max_epochs=2, extra=(progress,))
+    assert callback.ema_updates == 8
+    # the weight of each step is the schedule at the progress after the previous step: the first
+    # at 0, every later one at what the student's accuracy had reached
     assert recorder.weights[0]["kd_weight"] == pytest.approx(SCHEDULE(0.0))
-    assert callback.ema_updates == 4
-    assert 0.0 <= callback.trajectory_progress <= 1.0
+    for step in range(1, 8):
+        want = SCHEDULE(progress.after[step - 1])
+        assert recorder.weights[step]["kd_weight"] == pytest.approx(want), step
+    assert len({round(p, 6) for p in progress.after}) > 1  # the trajectory moved
+    assert all(0.0 <= p <= 1.0 for p in progress.after)
 
 
 def test_trajectory_mode_needs_a_teacher():

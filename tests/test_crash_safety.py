@@ -17,21 +17,9 @@ from gompertz_kd.config import CONFIG_DIR
 from gompertz_kd.report import load_runs
 from gompertz_kd.train import newest_valid_checkpoint, run_training
 
-from helpers import make_cifar_folder, tiny_kd_overrides
+from helpers import tiny_kd_overrides
 
 TESTS = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def tiny_c10(tmp_path_factory):
-    return make_cifar_folder(
-        tmp_path_factory.mktemp("c10"), "cifar10", train_per_class=2, test_per_class=1
-    )
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("teachers")
 
 
 def overrides(root, out, cache):

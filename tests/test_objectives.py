@@ -21,7 +21,7 @@ from gompertz_kd.objectives import KD, Need, Objective, gompertz_cnn
 from gompertz_kd.schedules import SCHEDULES, Constant, Gompertz, make_schedule
 from gompertz_kd.train import build_objective
 
-from helpers import cpu_trainer, make_cifar_folder, tiny_kd_overrides
+from helpers import cpu_trainer, tiny_kd_overrides
 
 METHODS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
 DISTILLING = [m for m in METHODS if m != "student"]
@@ -257,13 +257,6 @@ def test_ctkd_learns_its_temperature_and_logs_it(tmp_path):
 
 
 # ---------------------------------------------------------------------------- command line
-@pytest.fixture(scope="module")
-def tiny_c10(tmp_path_factory):
-    return make_cifar_folder(
-        tmp_path_factory.mktemp("c10"), "cifar10", train_per_class=2, test_per_class=1
-    )
-
-
 @pytest.mark.parametrize(
     ("override", "match"),
     [

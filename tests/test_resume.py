@@ -16,21 +16,9 @@ from gompertz_kd.callbacks import RunInterrupted
 from gompertz_kd.config import CONFIG_DIR
 from gompertz_kd.train import run_training
 
-from helpers import make_cifar_folder, tiny_kd_overrides
+from helpers import tiny_kd_overrides
 
 STEPS_PER_EPOCH = 5  # 20 tiny training images, batch 4
-
-
-@pytest.fixture(scope="module")
-def tiny_c10(tmp_path_factory):
-    return make_cifar_folder(
-        tmp_path_factory.mktemp("c10"), "cifar10", train_per_class=2, test_per_class=1
-    )
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("teachers")
 
 
 @pytest.fixture(scope="module")
