@@ -12,10 +12,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from gompertz_kd.checkpoints import AtomicCheckpointIO, CheckpointError
+from gompertz_kd.checkpoints import AtomicCheckpointIO, CheckpointError, newest_valid_checkpoint
 from gompertz_kd.config import CONFIG_DIR
 from gompertz_kd.report import load_runs
-from gompertz_kd.train import newest_valid_checkpoint, run_training
+from gompertz_kd.train import run_training
 
 from helpers import tiny_kd_overrides
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import codecs
 import collections
+import logging
 import os
 import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -29,12 +31,18 @@ __all__ = [
     "AtomicCheckpointIO",
     "CheckpointError",
     "SAFE_GLOBALS",
+    "TRAINING_STATE",
+    "check_training_checkpoint_fits",
     "check_weights",
     "load_weights",
+    "newest_valid_checkpoint",
     "read_checkpoint",
     "read_state_dict",
+    "read_training_checkpoint",
     "weight_differences",
 ]
+
+log = logging.getLogger(__name__)
 
 # Plain-data classes that gompertz_kd's own Lightning checkpoints hold (hyper-parameters and LR
 # scheduler state). Nothing here runs code when unpickled.
@@ -340,3 +348,128 @@ def load_weights(
     Args and raises: see :func:`check_weights`.
     """
     model.load_state_dict(check_weights(model, path, description, name=name, fix=fix), strict=True)
+
+
+# ---------------------------------------------------------------------- training checkpoints
+def newest_valid_checkpoint(directory: Path) -> tuple[Path, str, Mapping[str, Any]]:
+    """What ``ckpt_path=last`` resumes from: ``directory/last.ckpt``, or, when that is missing or
+    damaged (a hard kill on a file system without atomic renames, a full disk), the valid
+    checkpoint of ``directory`` with the highest step, with a warning naming both. ``.partial``
+    files (writes a kill interrupted) are never read.
+
+    Raises:
+        FileNotFoundError: no checkpoint in ``directory``.
+        CheckpointError: checkpoints there, none of them usable (each one's problem named).
+    """
+    last = directory / "last.ckpt"
+    others = sorted(p for p in directory.glob("*.ckpt") if p.is_file() and p != last)
+    if not last.is_file() and not others:
+        raise FileNotFoundError(
+            f"ckpt_path=last: no checkpoint at {last}. Resume inside the interrupted run's "
+            "directory (hydra.run.dir=<that run dir>) or give ckpt_path=<file>."
+        )
+    problems = []
+    if last.is_file():
+        name = f"ckpt_path=last ({last})"
+        try:
+            return last, name, read_training_checkpoint(last, name)
+        except CheckpointError as error:
+            problems.append(str(error))
+    else:
+        problems.append(f"{last} is missing")
+    valid = []
+    for path in others:
+        name = f"ckpt_path=last ({path})"
+        try:
+            ckpt = read_training_checkpoint(path, name)
+        except CheckpointError as error:
+            problems.append(str(error))
+            continue
+        valid.append((int(ckpt["global_step"]), path.stat().st_mtime, path, name, ckpt))
+    if not valid:
+        raise CheckpointError(
+            f"ckpt_path=last: no usable checkpoint in {directory}: "
+            + " | ".join(problems)
+            + ". Start afresh without ckpt_path (in a new run directory)"
+        )
+    step, _, path, name, ckpt = max(valid, key=lambda v: (v[0], v[1]))
+    log.warning(
+        "ckpt_path=last: %s; resuming from the newest valid checkpoint instead, %s (step %d)",
+        problems[0],
+        path,
+        step,
+    )
+    return path, name, ckpt
+
+
+# What Lightning's trainer.fit(ckpt_path=...) restores from; a weights-only save lacks the last two.
+TRAINING_STATE = ("state_dict", "epoch", "global_step", "optimizer_states", "lr_schedulers")
+
+
+def read_training_checkpoint(path: Path, name: str) -> Mapping[str, Any]:
+    """The checkpoint at ``path``, read with mmap (keys, shapes and counters are all the checks
+    need, whatever its size), refused before training starts when Lightning would fail on it
+    midway or with torch's own words: not a checkpoint, truncated, or weights only.
+
+    Raises:
+        CheckpointError: ``<name> is ...``, what is wrong and what to do.
+    """
+    others = [p.name for p in sorted(path.parent.glob("*.ckpt")) if p != path and p.is_file()]
+    elsewhere = f" (the other checkpoints there: {', '.join(others[:3])})" if others else ""
+    fix = (
+        "give a checkpoint that a run of this config wrote" + elsewhere + ", or start afresh "
+        "without ckpt_path"
+    )
+    ckpt = read_checkpoint(path, name=name, fix=fix, mmap=True)
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(
+            f"{name} holds a {type(ckpt).__name__}, not a Lightning training checkpoint; {fix}"
+        )
+    lacking = [key for key in TRAINING_STATE if key not in ckpt]
+    if "state_dict" in lacking:
+        weights = "model" in ckpt or (
+            ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+        )
+        if weights:
+            raise CheckpointError(
+                f"{name} holds model weights only, not a training checkpoint: there is no epoch, "
+                "optimiser or LR-scheduler state to resume. To distil from it, set "
+                f"teacher.ckpt={path}; to train, start afresh without ckpt_path"
+            )
+        raise CheckpointError(
+            f"{name} is not a Lightning training checkpoint: it has no "
+            f"{', '.join(lacking)} (its keys: {', '.join(map(str, list(ckpt)[:6]))}); {fix}"
+        )
+    if lacking:
+        raise CheckpointError(
+            f"{name} was saved with the weights only (ModelCheckpoint save_weights_only=true, or "
+            f"trainer.save_checkpoint(weights_only=True)): it has no {', '.join(lacking)} to "
+            "resume from. Start afresh without ckpt_path (to distil from its student, set "
+            f"teacher.ckpt={path})"
+        )
+    return ckpt
+
+
+def check_training_checkpoint_fits(
+    ckpt: Mapping[str, Any], name: str, expected: Mapping[str, Any]
+) -> None:
+    """Refuse a resume checkpoint of another model or objective: keys or shapes that differ from
+    ``expected``, the run's module's ``state_dict()``.
+
+    Raises:
+        CheckpointError: naming the first differences and the run that wrote the file.
+    """
+    problems = weight_differences(ckpt["state_dict"], expected)
+    if problems:
+        hparams = ckpt.get("hyper_parameters") or {}
+        written_by = ", ".join(
+            f"{key}={hparams[key]}" for key in ("student", "teacher") if key in hparams
+        )
+        raise CheckpointError(
+            f"{name} is a checkpoint of another model or objective"
+            + (f" (its run: {written_by})" if written_by else "")
+            + ": "
+            + "; ".join(problems)
+            + "; resume with the config of the run that wrote it, or start afresh without "
+            "ckpt_path"
+        )

@@ -59,9 +59,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from gompertz_kd.callbacks import GompertzWeightCallback, RunTimer
+from gompertz_kd.checkpoints import check_training_checkpoint_fits
 from gompertz_kd.config import CONFIG_DIR
 from gompertz_kd.module import DistillationModule, NonFiniteLossError
 from gompertz_kd.objectives import Need
+from gompertz_kd.run_files import HISTORY_FILE, RESULTS_FILE
 
 __all__ = [
     "MEMBERS_DIR",
@@ -581,7 +583,7 @@ def run_population(cfg: DictConfig, base_overrides: Sequence[str] | None = None)
         datamodule.setup("fit")
         num_train_samples = datamodule.num_train_samples
     provision_start = time.time()
-    teacher_ckpt = single.provision_teacher(cfg) if distils else None
+    teacher_ckpt = single.provision_teacher(cfg, single.run_training) if distils else None
     teacher_provision_s = time.time() - provision_start
 
     members: dict[str, DistillationModule] = {}
@@ -624,7 +626,7 @@ def run_population(cfg: DictConfig, base_overrides: Sequence[str] | None = None)
         expected = module.state_dict()
         for prefix in module._teacher_copies():
             expected = {k: v for k, v in expected.items() if not k.startswith(prefix)}
-        single._check_resume_fits(ckpt, name, expected)
+        check_training_checkpoint_fits(ckpt, name, expected)
         resume_from = str(path)
         del resume, ckpt
         single._continue_csv_history(loggers)
@@ -675,8 +677,8 @@ def _member_results(
         if population_csv is not None and trainer.is_global_zero:
             source = Path(population_csv.log_dir) / "metrics.csv"
             if source.is_file():
-                split_history(source, name, names, member_dir / "csv" / "metrics.csv")
-                history = "csv/metrics.csv"
+                split_history(source, name, names, member_dir / HISTORY_FILE)
+                history = HISTORY_FILE
         stage = member.stage_at(member.progress)
         base = str(member_cfg.get("name") or _base_name(name, cfg.population))
         best_score = module.best.get(name, {}).get("top1")
@@ -719,7 +721,7 @@ def _member_results(
             "config": OmegaConf.to_container(member_cfg, resolve=True),
         }
         if trainer.is_global_zero:
-            single._write_json_atomically(member_dir / single.RESULTS_FILE, results)
+            single._write_json_atomically(member_dir / RESULTS_FILE, results)
         out[name] = results
     log.info("Population of %d members written to %s", len(names), output_dir / MEMBERS_DIR)
     return out

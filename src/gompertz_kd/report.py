@@ -2,7 +2,8 @@
 
 The last stage of the data flow (run directory → report). It reads only what a run leaves
 behind — ``results.json`` and the Lightning ``CSVLogger`` history it names — and imports nothing
-else from gompertz_kd, so it also works on runs copied off a cluster::
+else from gompertz_kd but the file names of :mod:`gompertz_kd.run_files` (no torch), so it
+also works on runs copied off a cluster::
 
     python -m gompertz_kd.report multirun/2025-06-01/12-00-00 outputs/baseline --out reports/c100
 
@@ -45,6 +46,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from gompertz_kd.run_files import HISTORY_FILE, RESULTS_FILE, TERM_ORDER
+from gompertz_kd.run_files import STAGE_NAMES as _STAGES
+
 __all__ = [
     "DEFAULT_GROUP_BY",
     "STAGE_NAMES",
@@ -69,19 +73,19 @@ __all__ = [
     "write_report",
 ]
 
+
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.json"
-DEFAULT_HISTORY = "csv/metrics.csv"
+DEFAULT_HISTORY = HISTORY_FILE
 DEFAULT_GROUP_BY: tuple[str, ...] = ("name", "overrides")
 # Override prefixes that vary between seeds or machines but not between configurations.
 _IGNORED_OVERRIDE_KEYS = ("seed",)
 _IGNORED_OVERRIDE_PREFIXES = ("paths.", "hydra.")
-STAGE_NAMES = {0: "lag", 1: "growth", 2: "saturation"}
+STAGE_NAMES = dict(enumerate(_STAGES))
 _STAGE_COLOURS = {0: "#bdbdbd", 1: "#9ecae1", 2: "#a1d99b"}
 _LOSS_TERM = re.compile(r"^train/loss_[a-z0-9]+$")
 _WEIGHT = re.compile(r"^[a-z0-9]+_weight$")
-_KNOWN_ORDER = ("ce", "kd", "wd", "gm")
+_KNOWN_ORDER = TERM_ORDER
 _SELECTED_ON = {"val": "held-out val", "test": "test (optimistic)"}
 PLOT_FILES = {
     "accuracy": "accuracy.png",

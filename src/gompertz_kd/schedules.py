@@ -26,6 +26,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from gompertz_kd.run_files import STAGE_NAMES
+
 __all__ = [
     "Constant",
     "CosineDecay",
@@ -104,12 +106,14 @@ class Schedule(Protocol):
     def peak(self) -> float: ...
 
 
-class Stage(IntEnum):
-    """Phase of a Gompertz curve; an int so it can be logged as a metric."""
-
-    LAG = 0
-    GROWTH = 1
-    SATURATION = 2
+# Phase of a Gompertz curve (LAG, GROWTH, SATURATION, from gompertz_kd.run_files.STAGE_NAMES);
+# an int so it can be logged as a metric.
+Stage = IntEnum(
+    "Stage",
+    [(name.upper(), value) for value, name in enumerate(STAGE_NAMES)],
+    module=__name__,
+    qualname="Stage",
+)
 
 
 @dataclass(frozen=True)

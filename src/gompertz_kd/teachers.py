@@ -6,6 +6,10 @@ trained first, as a student-only run with ``teacher.recipe``, and stored in ``te
 under a key of everything that shapes it (data set, data source, held-out split, augmentation,
 architecture, recipe, seed). Every later run and every job of a sweep with the same key reuses it.
 The file is written atomically under a lock, so parallel sweep jobs train it once.
+
+This module finds, keys, locks and stores; it does not train. The caller hands it the function
+that runs a training config (:func:`gompertz_kd.train.run_training`), so provisioning depends on
+no part of the training code.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,7 @@ import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from gompertz_kd.checkpoints import CheckpointError, check_weights
+from gompertz_kd.checkpoints import CheckpointError, check_weights, newest_valid_checkpoint
 from gompertz_kd.data.sources import CLASSES
 from gompertz_kd.models import create_model
 
@@ -66,8 +71,10 @@ def _limits_training(value: Any) -> bool:
     return not (isinstance(value, float) and value in (0.0, 1.0))
 
 
-def provision_teacher(cfg: DictConfig) -> str | None:
-    """Return the path of the teacher's weights for ``cfg``, training the teacher if needed.
+def provision_teacher(cfg: DictConfig, run_training: Callable[[DictConfig], Any]) -> str | None:
+    """Return the path of the teacher's weights for ``cfg``, training the teacher if needed with
+    ``run_training(teacher_config)`` (which returns an object with ``.module.student`` and
+    ``.results``, as :func:`gompertz_kd.train.run_training` does).
 
     Returns ``None`` when the run has no teacher (``model.teacher`` is null).
 
@@ -120,13 +127,13 @@ def provision_teacher(cfg: DictConfig) -> str | None:
         if path.is_file():  # another job trained it while we waited for the lock
             log.info("Teacher %s trained by another job: %s", arch, path)
             return str(path)
-        _train_and_store(cfg, path)
+        _train_and_store(cfg, path, run_training)
     return str(path)
 
 
-def _train_and_store(cfg: DictConfig, path: Path) -> None:
-    from gompertz_kd.train import newest_valid_checkpoint, run_training  # train imports this
-
+def _train_and_store(
+    cfg: DictConfig, path: Path, run_training: Callable[[DictConfig], Any]
+) -> None:
     teacher_cfg = _teacher_run_config(cfg, path.with_suffix(".run"))
     log.info("Training teacher %s (no cached weights at %s)", cfg.model.teacher, path)
     # A teacher training killed earlier (no weights file was written: that happens last) left

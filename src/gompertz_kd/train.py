@@ -32,9 +32,9 @@ from omegaconf import DictConfig, OmegaConf
 from gompertz_kd.callbacks import RunTimer
 from gompertz_kd.checkpoints import (
     AtomicCheckpointIO,
-    CheckpointError,
-    read_checkpoint,
-    weight_differences,
+    check_training_checkpoint_fits,
+    newest_valid_checkpoint,
+    read_training_checkpoint,
 )
 from gompertz_kd.config import ROOT_DIR, print_config_tree
 from gompertz_kd.data.sources import DATASETS
@@ -42,13 +42,12 @@ from gompertz_kd.models import list_models
 from gompertz_kd.models.registry import TIMM_PREFIX
 from gompertz_kd.module import DistillationModule
 from gompertz_kd.objectives import SHARED, Need, Objective
+from gompertz_kd.run_files import RESULTS_FILE
 from gompertz_kd.teachers import provision_teacher
 
 __all__ = ["TrainingRun", "build_module", "train", "run_training"]
 
 log = logging.getLogger(__name__)
-
-RESULTS_FILE = "results.json"
 
 
 @dataclass
@@ -103,7 +102,7 @@ def run_training(cfg: DictConfig) -> TrainingRun:
         datamodule.setup("fit")
         num_train_samples = datamodule.num_train_samples
     provision_start = time.time()
-    teacher_ckpt = provision_teacher(cfg) if teacher_arch else None
+    teacher_ckpt = provision_teacher(cfg, run_training) if teacher_arch else None
     # A teacher trained just now is the cache's cost, not this run's: kept out of its wall time.
     teacher_provision_s = time.time() - provision_start
     # Seed again: training a teacher just now must not change this run's initialisation.
@@ -125,7 +124,7 @@ def run_training(cfg: DictConfig) -> TrainingRun:
     resume_from = None
     if resume is not None:
         path, name, ckpt = resume
-        _check_resume_fits(ckpt, name, module.state_dict())
+        check_training_checkpoint_fits(ckpt, name, module.state_dict())
         resume_from = str(path)
         del resume, ckpt  # the mapped file is not needed once checked
     if resume_from is not None:
@@ -370,14 +369,14 @@ def _resume_path(
 
     Raises:
         FileNotFoundError: no file there.
-        CheckpointError: see :func:`_read_resume_checkpoint` and :func:`_check_resume_fits`.
+        CheckpointError: see :func:`read_training_checkpoint` and :func:`check_training_checkpoint_fits`.
     """
     resume = _resume_checkpoint(cfg, output_dir)
     if resume is None:
         return None
     path, name, ckpt = resume
     if expected is not None:
-        _check_resume_fits(ckpt, name, expected)
+        check_training_checkpoint_fits(ckpt, name, expected)
     return str(path)
 
 
@@ -395,129 +394,7 @@ def _resume_checkpoint(
     if not path.exists():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file ({path})")
     name = f"ckpt_path={path}"
-    return path, name, _read_resume_checkpoint(path, name)
-
-
-def newest_valid_checkpoint(directory: Path) -> tuple[Path, str, Mapping[str, Any]]:
-    """What ``ckpt_path=last`` resumes from: ``directory/last.ckpt``, or, when that is missing or
-    damaged (a hard kill on a file system without atomic renames, a full disk), the valid
-    checkpoint of ``directory`` with the highest step, with a warning naming both. ``.partial``
-    files (writes a kill interrupted) are never read.
-
-    Raises:
-        FileNotFoundError: no checkpoint in ``directory``.
-        CheckpointError: checkpoints there, none of them usable (each one's problem named).
-    """
-    last = directory / "last.ckpt"
-    others = sorted(p for p in directory.glob("*.ckpt") if p.is_file() and p != last)
-    if not last.is_file() and not others:
-        raise FileNotFoundError(
-            f"ckpt_path=last: no checkpoint at {last}. Resume inside the interrupted run's "
-            "directory (hydra.run.dir=<that run dir>) or give ckpt_path=<file>."
-        )
-    problems = []
-    if last.is_file():
-        name = f"ckpt_path=last ({last})"
-        try:
-            return last, name, _read_resume_checkpoint(last, name)
-        except CheckpointError as error:
-            problems.append(str(error))
-    else:
-        problems.append(f"{last} is missing")
-    valid = []
-    for path in others:
-        name = f"ckpt_path=last ({path})"
-        try:
-            ckpt = _read_resume_checkpoint(path, name)
-        except CheckpointError as error:
-            problems.append(str(error))
-            continue
-        valid.append((int(ckpt["global_step"]), path.stat().st_mtime, path, name, ckpt))
-    if not valid:
-        raise CheckpointError(
-            f"ckpt_path=last: no usable checkpoint in {directory}: "
-            + " | ".join(problems)
-            + ". Start afresh without ckpt_path (in a new run directory)"
-        )
-    step, _, path, name, ckpt = max(valid, key=lambda v: (v[0], v[1]))
-    log.warning(
-        "ckpt_path=last: %s; resuming from the newest valid checkpoint instead, %s (step %d)",
-        problems[0],
-        path,
-        step,
-    )
-    return path, name, ckpt
-
-
-# What Lightning's trainer.fit(ckpt_path=...) restores from; a weights-only save lacks the last two.
-_TRAINING_STATE = ("state_dict", "epoch", "global_step", "optimizer_states", "lr_schedulers")
-
-
-def _read_resume_checkpoint(path: Path, name: str) -> Mapping[str, Any]:
-    """The checkpoint at ``path``, read with mmap (keys, shapes and counters are all the checks
-    need, whatever its size), refused before training starts when Lightning would fail on it
-    midway or with torch's own words: not a checkpoint, truncated, or weights only.
-
-    Raises:
-        CheckpointError: ``<name> is ...``, what is wrong and what to do.
-    """
-    others = [p.name for p in sorted(path.parent.glob("*.ckpt")) if p != path and p.is_file()]
-    elsewhere = f" (the other checkpoints there: {', '.join(others[:3])})" if others else ""
-    fix = (
-        "give a checkpoint that a run of this config wrote" + elsewhere + ", or start afresh "
-        "without ckpt_path"
-    )
-    ckpt = read_checkpoint(path, name=name, fix=fix, mmap=True)
-    if not isinstance(ckpt, Mapping):
-        raise CheckpointError(
-            f"{name} holds a {type(ckpt).__name__}, not a Lightning training checkpoint; {fix}"
-        )
-    lacking = [key for key in _TRAINING_STATE if key not in ckpt]
-    if "state_dict" in lacking:
-        weights = "model" in ckpt or (
-            ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())
-        )
-        if weights:
-            raise CheckpointError(
-                f"{name} holds model weights only, not a training checkpoint: there is no epoch, "
-                "optimiser or LR-scheduler state to resume. To distil from it, set "
-                f"teacher.ckpt={path}; to train, start afresh without ckpt_path"
-            )
-        raise CheckpointError(
-            f"{name} is not a Lightning training checkpoint: it has no "
-            f"{', '.join(lacking)} (its keys: {', '.join(map(str, list(ckpt)[:6]))}); {fix}"
-        )
-    if lacking:
-        raise CheckpointError(
-            f"{name} was saved with the weights only (ModelCheckpoint save_weights_only=true, or "
-            f"trainer.save_checkpoint(weights_only=True)): it has no {', '.join(lacking)} to "
-            "resume from. Start afresh without ckpt_path (to distil from its student, set "
-            f"teacher.ckpt={path})"
-        )
-    return ckpt
-
-
-def _check_resume_fits(ckpt: Mapping[str, Any], name: str, expected: Mapping[str, Any]) -> None:
-    """Refuse a resume checkpoint of another model or objective: keys or shapes that differ from
-    ``expected``, the run's module's ``state_dict()``.
-
-    Raises:
-        CheckpointError: naming the first differences and the run that wrote the file.
-    """
-    problems = weight_differences(ckpt["state_dict"], expected)
-    if problems:
-        hparams = ckpt.get("hyper_parameters") or {}
-        written_by = ", ".join(
-            f"{key}={hparams[key]}" for key in ("student", "teacher") if key in hparams
-        )
-        raise CheckpointError(
-            f"{name} is a checkpoint of another model or objective"
-            + (f" (its run: {written_by})" if written_by else "")
-            + ": "
-            + "; ".join(problems)
-            + "; resume with the config of the run that wrote it, or start afresh without "
-            "ckpt_path"
-        )
+    return path, name, read_training_checkpoint(path, name)
 
 
 def _continue_csv_history(loggers: list[Any]) -> None:
