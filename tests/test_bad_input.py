@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from gompertz_kd.checkpoints import CheckpointError
 from gompertz_kd.config import CONFIG_DIR
 from gompertz_kd.models import create_model
-from gompertz_kd.train import _resume_path, build_module, train
+from gompertz_kd.train import _resume_checkpoint, _resume_path, build_module, train
 
 from helpers import cpu_trainer, random_loader, tiny_kd_overrides
 
@@ -178,7 +178,9 @@ def test_bad_resume_checkpoint_is_named(tiny_c10, tmp_path, saved, kind, overrid
     assert not (tmp_path / "results.json").exists()
 
 
-def test_truncated_last_checkpoint_names_the_setting_and_the_others(tiny_c10, tmp_path, saved):
+def test_truncated_last_checkpoint_falls_back_to_the_newest_valid_one(
+    tiny_c10, tmp_path, saved, caplog
+):
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
     shutil.copy(saved["truncated"], checkpoints / "last.ckpt")
@@ -186,10 +188,28 @@ def test_truncated_last_checkpoint_names_the_setting_and_the_others(tiny_c10, tm
     cfg = cfg_for(
         tiny_c10, tmp_path, "method=kd", f"teacher.ckpt={saved['teacher']}", "ckpt_path=last"
     )
+    with caplog.at_level("WARNING"):
+        path, name, _ = _resume_checkpoint(cfg, tmp_path)
+    assert path == checkpoints / "epoch=0-step=1.ckpt"
+    assert f"ckpt_path=last ({checkpoints / 'last.ckpt'}) is truncated" in caplog.text
+    assert "resuming from the newest valid checkpoint instead" in caplog.text
+
+
+def test_truncated_checkpoint_named_by_path_names_the_setting_and_the_others(
+    tiny_c10, tmp_path, saved
+):
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    shutil.copy(saved["truncated"], checkpoints / "last.ckpt")
+    shutil.copy(saved["kd_run"], checkpoints / "epoch=0-step=1.ckpt")
+    given = checkpoints / "last.ckpt"
+    cfg = cfg_for(
+        tiny_c10, tmp_path, "method=kd", f"teacher.ckpt={saved['teacher']}", f"ckpt_path={given}"
+    )
     with pytest.raises(CheckpointError) as err:
         train(cfg)
     message = str(err.value)
-    assert message.startswith(f"ckpt_path=last ({checkpoints / 'last.ckpt'}) is truncated")
+    assert message.startswith(f"ckpt_path={given} is truncated")
     assert "the other checkpoints there: epoch=0-step=1.ckpt" in message
     assert not (tmp_path / "results.json").exists()
 

@@ -46,6 +46,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from gompertz_kd.markdown import splice_block
 from gompertz_kd.run_files import HISTORY_FILE, RESULTS_FILE, TERM_ORDER
 from gompertz_kd.run_files import STAGE_NAMES as _STAGES
 
@@ -722,15 +723,7 @@ def write_report(
     path.write_text("# Results\n\n" + body(out, "##"))
     if into is not None:
         into = Path(into)
-        block = f"{MARK_START}\n{body(into.parent, '###').rstrip()}\n{MARK_END}"
-        text = into.read_text() if into.exists() else ""
-        if MARK_START in text and MARK_END in text:
-            head, rest = text.split(MARK_START, 1)
-            text = head + block + rest.split(MARK_END, 1)[1]
-        else:
-            text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
-        into.parent.mkdir(parents=True, exist_ok=True)
-        into.write_text(text)
+        splice_block(into, body(into.parent, "###"), MARK_START, MARK_END)
     return path
 
 

@@ -51,9 +51,12 @@ class PopulationCase:
     target: float | None = None
 
 
-# What `make bench` times: the paper's table as one population, and the CPU schedule comparison.
+# What `make bench` times: the paper's table as one population; the same pair with KD-only
+# members (four schedules and two replicas: what sharing the teacher saves when no member has
+# gradient matching's per-student double backward); and the CPU schedule comparison.
 POPULATION_CASES = (
     PopulationCase("ResNet50", "MobileNetV2", 100, "paper_table", (6,), target=0.25),
+    PopulationCase("ResNet50", "MobileNetV2", 100, "schedules_kd", (6,)),
     PopulationCase("resnet20", "resnet8", 10, "schedules_kd", (4,), target=0.8),
 )
 
@@ -129,7 +132,7 @@ def population_rows(
     compare: bool = True,
 ) -> list[PopulationRow]:
     """Time the population of each size against its members' single steps (``compare``)."""
-    from gompertz_kd import bench  # the harness: Case, PlainLoop, timed, run_round_robin
+    from gompertz_kd.bench import harness as bench  # Case, PlainLoop, timed, run_round_robin
 
     rows = []
     for size in sizes:

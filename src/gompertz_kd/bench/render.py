@@ -1,0 +1,383 @@
+"""The report of ``python -m gompertz_kd.bench``: machine lines, tables, targets, and the Markdown
+block spliced into docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from gompertz_kd.bench.harness import (
+    MARK_END,
+    MARK_START,
+    Result,
+    Setup,
+    _fmt_mib,
+)
+from gompertz_kd.bench.population import (
+    population_table,
+)
+from gompertz_kd.bench.sections import (
+    methods_table,
+)
+from gompertz_kd.markdown import splice_block
+
+
+# ---------------------------------------------------------------------------------- report
+def machine_lines(device: torch.device) -> list[str]:
+    cpu = _lscpu_model() or platform.processor() or platform.machine()
+    lines = [
+        f"- machine: {cpu}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads"
+        f"{_cpu_bf16_flags()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
+        f"- torch {torch.__version__}, lightning {L.__version__}, Python {platform.python_version()}",
+    ]
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        lines.append(
+            f"- GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, compute capability "
+            f"{props.major}.{props.minor}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
+        )
+    return lines
+
+
+def _lscpu_model() -> str | None:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def _cpu_bf16_flags() -> str:
+    try:
+        flags = next(
+            line.split(":", 1)[1].split()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        )
+    except (OSError, StopIteration):
+        return ""
+    have = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return f" (CPU bf16 support: {', '.join(have) or 'none'})"
+
+
+def results_table(results: dict[str, Result]) -> list[str]:
+    lines = [
+        "| case | images/s | ms/step (median) | spread (min/max) | peak MiB | page faults/step "
+        "| note |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results.values():
+        faults = f"{statistics.median(r.faults):.0f}" if r.faults else "n/a"
+        lines.append(
+            f"| {r.name} | {r.images_per_second:.0f} | {1000 * r.median:.1f} | {r.spread()} | "
+            f"{_fmt_mib(r.peak_mib)} | {faults} | {r.note} |"
+        )
+    return lines
+
+
+def ratio_table(values: dict[str, tuple[float, float, float]]) -> list[str]:
+    lines = ["| ratio | median | min–max over rounds |", "|---|---:|---:|"]
+    for name, (med, lo, hi) in values.items():
+        lines.append(f"| {name} | {med:.3f} | {lo:.3f}–{hi:.3f} |")
+    return lines
+
+
+@dataclass
+class Target:
+    text: str
+    measured: str
+    met: str
+    changed: str
+
+
+def targets(
+    steps: dict[str, Result] | None,
+    rat: dict[str, tuple[float, float, float]] | None,
+    data: dict[str, Result] | None,
+    compile_result: tuple[float, dict[str, Result]] | None,
+    setup: Setup,
+) -> list[Target]:
+    """Each target of the issue with its measured value (median over rounds)."""
+    k = setup.gm_every
+    out: list[Target] = []
+
+    def yes(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    if rat is not None and steps is not None:
+        plain = rat["overhead, plain loop: KD step / (student step + teacher forward)"][0]
+        light = rat["overhead, Lightning: KD step / (student step + teacher forward)"][0]
+        out.append(
+            Target(
+                "framework overhead ≤ 5 % over student step + teacher forward (Lightning included)",
+                f"Lightning {100 * (light - 1):+.1f} %, plain loop {100 * (plain - 1):+.1f} %",
+                yes(light <= 1.05),
+                "nothing needed: the KD step was already the sum of its parts; measured with the "
+                "tensor data path and a CSV logger",
+            )
+        )
+        wd = rat["+ Wasserstein / KD step"][0]
+        wd_alone = rat["Wasserstein term alone / KD step"][0]
+        var_speedup = rat["speed-up of two-pass channel statistics"][0]
+        out.append(
+            Target(
+                "Wasserstein term ≤ 5 % of the KD step",
+                f"the term alone {100 * wd_alone:.1f} %; step with it {100 * (wd - 1):+.1f} % "
+                "(the difference of two noisy steps)",
+                yes(wd_alone <= 0.05),
+                f"channel statistics computed in two passes instead of torch.var, "
+                f"{var_speedup:.0f}× faster on the teacher's last map (the same value)",
+            )
+        )
+        gm = rat["+ gradient matching / KD step"][0]
+        gm_k = rat[f"+ gradient matching, every {k} steps / KD step"][0]
+        gm_old = rat["+ gradient matching, BatchNorm unfolded / KD step"][0]
+        full = rat["full Gompertz-CNN step / KD step"][0]
+        full_k = rat[f"full, every {k} steps / KD step"][0]
+        out.append(
+            Target(
+                "gradient matching ≤ 1.6× the KD step",
+                f"every step {gm:.2f}× (BatchNorm unfolded, as before: {gm_old:.2f}×); every {k} "
+                f"steps {gm_k:.2f}×. Full objective: {full:.2f}×, every {k} steps {full_k:.2f}×",
+                f"{yes(gm <= 1.6)} every step (the default); {yes(gm_k <= 1.6)} with gm_every={k}",
+                "teacher BatchNorm folded (new default, exact); gm_every option (exact on the "
+                "steps it runs, weight ×k); finite differences measured and rejected (see accuracy)",
+            )
+        )
+        tf = steps["teacher forward"]
+        parts = [f"{tf.images_per_second:.0f} img/s folded"]
+        if "speed-up of bf16 teacher, forward" in rat:
+            parts.append(f"bf16 {rat['speed-up of bf16 teacher, forward'][0]:.2f}× faster")
+        if "speed-up of channels_last, teacher forward" in rat:
+            parts.append(
+                f"channels_last {rat['speed-up of channels_last, teacher forward'][0]:.2f}×"
+            )
+        parts.append(f"folding {rat['speed-up of BatchNorm folding, teacher forward'][0]:.2f}×")
+        out.append(
+            Target(
+                "teacher without autograd state where not needed, fastest precision, channels_last",
+                "; ".join(parts),
+                "met (no_grad unless gradient matching is due; bf16 is the opt-in "
+                "teacher_precision=bf16 on fp32 runs)",
+                "no_grad forward (kept); BatchNorm folded (new default); teacher_precision option",
+            )
+        )
+    if data is not None and steps is not None:
+        fastest = max(r.images_per_second for r in data.values())
+        tensor = data["tensor path (on_device=True)"].images_per_second
+        train = max(
+            steps["student step"].images_per_second, steps["Gompertz KD step"].images_per_second
+        )
+        out.append(
+            Target(
+                "the data path never limits training",
+                f"tensor path {tensor:.0f} img/s = {tensor / train:.0f}× the fastest training step "
+                f"here ({train:.0f} img/s; {100 * train / tensor:.2f} % of step time)",
+                yes(fastest >= 10 * train),
+                "nothing needed (the data issue's tensor path)",
+            )
+        )
+    if compile_result is not None:
+        compile_s, res = compile_result
+        speed = (
+            res["Gompertz KD step, eager"].median / res["Gompertz KD step, torch.compile"].median
+        )
+        out.append(
+            Target(
+                "torch.compile as an option, effect and compile time measured",
+                f"compile {compile_s:.0f} s; compiled KD step {speed:.2f}× eager",
+                "measured",
+                "compile=true (exists); the teacher is compiled as it runs (folded); with exact "
+                "gradient matching the student stays eager (no double backward when compiled)",
+            )
+        )
+    return out
+
+
+def render(
+    args: argparse.Namespace,
+    setup: Setup,
+    sections: dict[str, Any],
+    load: tuple[float, float],
+    wall: float,
+) -> str:
+    lines = [
+        f"Command: `{_command(args)}`",
+        "",
+        *machine_lines(setup.device),
+        f"- {setup.teacher} → {setup.student}, {setup.num_classes} classes, batch "
+        f"{args.batches if 'throughput' in sections else setup.batch}, "
+        f"{setup.precision}, {setup.device.type}, channels_last={setup.channels_last}, "
+        f"up to {args.repeats} rounds after {args.warmup} warm-up (rounds run: "
+        f"{_rounds_run(sections)}), gm_every={setup.gm_every} where the case says so",
+        f"- teacher weights: {setup.teacher_ckpt or 'random initialisation'}",
+        f"- load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f}; wall time "
+        f"{wall / 60:.1f} min",
+        "",
+    ]
+    if "steps" in sections:
+        results, rat = sections["steps"]
+        lines += [
+            "### Steps",
+            "",
+            *results_table(results),
+            "",
+            "### Ratios",
+            "",
+            *ratio_table(rat),
+            "",
+        ]
+    if "checkpoint" in sections:
+        save_s, mib, step_s = sections["checkpoint"]
+        lines += [
+            "### Checkpoint cost",
+            "",
+            "One training checkpoint of the Gompertz KD module (student, teacher, objective, SGD "
+            "state) written as runs write it (`AtomicCheckpointIO`: `.partial` file, fsync, "
+            f"atomic rename), median of 3: {save_s:.2f} s for {mib:.0f} MiB, "
+            f"{save_s / step_s:.1f} Gompertz KD steps' time. What "
+            "`callbacks.interval_checkpoint.every_n_minutes=N` costs in training time: "
+            + ", ".join(f"N = {n}: {100 * save_s / (60 * n):.2f} %" for n in (1, 5, 10, 30))
+            + "; `every_n_steps=N`: "
+            + ", ".join(f"N = {n}: {100 * save_s / (n * step_s):.1f} %" for n in (100, 500, 2000))
+            + ".",
+            "",
+        ]
+    if "population" in sections:
+        lines += [
+            "### Populations: K members on one teacher pass",
+            "",
+            "A population step (the teacher once; every member's student, terms, one backward of "
+            "the summed losses, one SGD step) timed round-robin with each member's single-run "
+            "step (its own teacher pass each), the ratio taken within each round. Members from "
+            "`conf/population/<name>.yaml`, built as training runs build them (seed replicas "
+            "beyond its size). Member-images/s: K × batch / step time. See "
+            "`gompertz_kd.bench.population`.",
+            "",
+            *population_table(sections["population"]),
+            "",
+        ]
+    if "methods" in sections:
+        methods = sections["methods"]
+        model_options = ", ".join(
+            f"{k}={'null' if v is None else v}" for k, v in methods.model_options.items()
+        )
+        lines += [
+            "### Methods: one training step each, as a ratio to the KD step",
+            "",
+            "Each objective built from `conf/method/<name>.yaml` as a training run with "
+            "`method=<name>` builds it (the published defaults; the model options of "
+            f"`conf/model`: {model_options}), on the pair above with a training set of "
+            f"{args.train_images} images (per-image memories) and batches that carry each "
+            "image's index; the plain loop of the steps table (forward, every term, backward, "
+            "SGD step), every method in each round; the ratio to the `method=kd` step is taken "
+            "within each round. Parameters and buffers: the objective's own (projectors, "
+            "regressors, memory banks), not the networks'.",
+            "",
+            *methods_table(methods.rows),
+            "",
+            *methods.footnotes,
+            "",
+        ]
+    if "accuracy" in sections:
+        lines += [
+            "### Accuracy of the approximate options",
+            "",
+            "| quantity | value |",
+            "|---|---|",
+        ]
+        lines += [f"| {q} | {v} |" for q, v in sections["accuracy"]]
+        lines.append("")
+    if "data" in sections:
+        lines += ["### Data paths (synthetic uint8 images, standard augmentation)", ""]
+        lines += results_table(sections["data"])
+        if "steps" in sections:
+            steps = sections["steps"][0]
+            lines += ["", "Training throughput the data path feeds (from the steps table):", ""]
+            for name in ("student step", "Gompertz KD step", "full Gompertz-CNN step"):
+                lines.append(f"- {name}: {steps[name].images_per_second:.0f} img/s")
+        lines.append("")
+    if "compile" in sections:
+        compile_s, res = sections["compile"]
+        lines += [
+            "### torch.compile",
+            "",
+            f"Compile time of the Gompertz KD step (first compiled step minus an eager step, "
+            f"inductor's on-disk caches off): "
+            f"{compile_s:.0f} s.",
+            "",
+            *results_table(res),
+            "",
+        ]
+    if "throughput" in sections:
+        for batch, (res, estimate) in sections["throughput"].items():
+            lines += [f"### End-to-end, batch {batch}", "", *results_table(res), "", *estimate, ""]
+    tg = sections.get("targets")
+    if tg:
+        lines += [
+            "### Targets",
+            "",
+            "| target | measured | status | what was changed |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {t.text} | {t.measured} | {t.met} | {t.changed} |" for t in tg]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _rounds_run(sections: dict[str, Any]) -> str:
+    """How many timed rounds each section got (fewer than asked under ``--budget``)."""
+    counts = []
+    for name, value in sections.items():
+        results = {
+            "steps": lambda v: v[0],
+            "methods": lambda v: {row.method: row.result for row in v.rows},
+            "data": lambda v: v,
+            "compile": lambda v: v[1],
+        }.get(name)
+        if results is not None:
+            first = next(iter(results(value).values()))
+            counts.append(f"{name} {len(first.seconds)}")
+    if "throughput" in sections:
+        for batch, (res, _) in sections["throughput"].items():
+            counts.append(f"batch {batch} {len(next(iter(res.values())).seconds)}")
+    return ", ".join(counts) or "none"
+
+
+def estimate_lines(
+    res: dict[str, Result], epochs: int, train_images: int, test_images: int
+) -> list[str]:
+    lines = []
+    evaluation = res["student evaluation forward"].images_per_second
+    for name, r in res.items():
+        if not name.startswith("c100_resnet50_mbv2 step"):
+            continue
+        seconds = epochs * (train_images / r.images_per_second + test_images / evaluation)
+        lines.append(
+            f"- estimated full run ({epochs} epochs × {train_images} training + {test_images} "
+            f"test images), {name.removeprefix('c100_resnet50_mbv2 step, ')}: "
+            f"{seconds / 3600:.1f} h"
+        )
+    return lines
+
+
+def _command(args: argparse.Namespace) -> str:
+    return "python -m gompertz_kd.bench " + " ".join(args.argv)
+
+
+def write_report(path: Path, body: str) -> None:
+    """Put ``body`` between the markers in ``path`` (created with just the markers if missing),
+    leaving the hand-written text around them alone."""
+    splice_block(path, body, MARK_START, MARK_END, title="Benchmarks")
