@@ -1,5 +1,6 @@
 """Population runs: K students on one teacher pass, each member exactly its single run."""
 
+import csv
 import json
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from omegaconf import OmegaConf
 
 from gompertz_kd.callbacks import RunInterrupted
 from gompertz_kd.config import CONFIG_DIR
-from gompertz_kd.module import DistillationModule
+from gompertz_kd.module import DistillationModule, NonFiniteLossError
 from gompertz_kd.objectives import gompertz_cnn
 from gompertz_kd.population import (
     PopulationModule,
@@ -191,6 +192,87 @@ def test_population_configs_compose_their_members():
     cfg = compose_cfg(["population=schedules_kd", "population.seeds=[0,1,2]"])
     assert len(member_names(cfg.population)) == 12
     assert OmegaConf.select(cfg, "population.name") == "schedules_kd"
+
+
+def test_cli_population_multirun_writes_every_member_of_every_job(tiny_c10, cache, tmp_path):
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in base(tiny_c10, sweep, cache) if not o.startswith("paths.output_dir")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "gompertz_kd.run", "-m", *overrides, "population=schedules_kd",
+         "trainer.max_epochs=1", "seed=0,1", f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, seed in (("0", 0), ("1", 1)):
+        written = sorted(p.parent.name for p in (sweep / job).glob("members/*/results.json"))
+        assert written == ["kd_cosine", "kd_gompertz", "kd_linear", "kd_static"]
+        results = json.loads((sweep / job / "members" / "kd_linear" / "results.json").read_text())
+        assert "schedule=linear" in results["overrides"] and results["data_seed"] == seed
+    assert len(load_runs([sweep])) == 8
+
+
+def test_population_trains_under_ddp_on_two_cpu_processes(tiny_c10, cache, tmp_path):
+    run_dir = tmp_path / "ddp"
+    overrides = [o for o in base(tiny_c10, run_dir, cache) if not o.startswith("paths.output_dir")]
+    members = "{kd: ['method=gkd', 'schedule=gompertz'], fitnet: ['method=fitnet']}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gompertz_kd.run", *overrides, "trainer=ddp_cpu",
+         "trainer.max_epochs=1", f"+population.members={members}", f"hydra.run.dir={run_dir}"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("kd", "fitnet"):
+        results = json.loads((run_dir / "members" / name / "results.json").read_text())
+        assert results["status"] == "completed" and results["test"]["top1"] is not None
+
+
+def test_trajectory_member_follows_its_own_student(tiny_c10, cache, tmp_path):
+    """Progress modes are per member: a trajectory member beside a clock member ends as its own
+    single run, logged weights included."""
+    trajectory = [
+        "method=gkd",
+        "schedule=gompertz",
+        "callbacks.gompertz_weight.progress=trajectory",
+    ]
+    run = population(
+        tiny_c10, tmp_path / "population", cache, {"clock": MEMBERS["kd"], "traj": trajectory}
+    )
+    single = run_training(compose_cfg([*base(tiny_c10, tmp_path / "single", cache), *trajectory]))
+    want, got = single.module.state_dict(), run.module.members["traj"].state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+    def logged(path, column):
+        with open(path) as f:
+            return [r[column] for r in csv.DictReader(f) if r.get(column)]
+
+    member = logged(
+        tmp_path / "population" / "members" / "traj" / "csv" / "metrics.csv", "kd_weight"
+    )
+    alone = logged(tmp_path / "single" / "csv" / "metrics.csv", "kd_weight")
+    assert member == alone and len(set(member)) > 1
+    clock = logged(
+        tmp_path / "population" / "members" / "clock" / "csv" / "metrics.csv", "kd_weight"
+    )
+    assert clock != member
+
+
+def test_non_finite_member_is_skipped_or_named(tiny_c10, cache, tmp_path):
+    members = {
+        "ok": ["method=kd"],
+        "bad": ["method=kd", "method.mixing=additive", "method.terms.kd.scale=1e39"],
+    }
+    run = population(tiny_c10, tmp_path / "skip", cache, members, "model.nonfinite=skip")
+    assert run.module.members["bad"].skipped_batches == 10  # every step of 2 epochs
+    assert run.module.members["ok"].skipped_batches == 0
+    single = run_training(
+        compose_cfg(
+            [*base(tiny_c10, tmp_path / "single", cache), "method=kd", "model.nonfinite=skip"]
+        )
+    )
+    want, got = single.module.student.state_dict(), run.module.members["ok"].student.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)  # the bad member does not touch it
+    with pytest.raises(NonFiniteLossError, match="population member 'bad': non-finite loss"):
+        population(tiny_c10, tmp_path / "stop", cache, members)
 
 
 def test_cli_population_run(tiny_c10, cache, tmp_path):
