@@ -438,17 +438,27 @@ class DistillationModule(L.LightningModule):
         ):
             return self._non_finite(terms)
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
-        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size)
-        extra = {
-            f"train/{name}/{key}": value.detach()
-            for name, term in self.objective.terms.items()
-            for key, value in term.extra_metrics().items()
-        }
-        if extra:
-            self.log_dict(extra, batch_size=batch_size)
+        self.log_dict(self.step_values(terms), batch_size=batch_size)
         self.train_metrics.update(logits.detach(), targets)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=batch_size)
-        out = {"loss": total, "student_correct": (logits.detach().argmax(1) == targets).sum()}
+        return {"loss": total, **self.step_counts(logits, teacher_logits, targets)}
+
+    def step_values(self, terms: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """What a training step logs besides ``train/loss``: each term (``train/loss_<term>``)
+        and each term's extra metrics (``train/<term>/<key>``), detached."""
+        values = {f"train/{k}": v.detach() for k, v in terms.items()}
+        for name, term in self.objective.terms.items():
+            for key, value in term.extra_metrics().items():
+                values[f"train/{name}/{key}"] = value.detach()
+        return values
+
+    @staticmethod
+    def step_counts(
+        logits: Tensor, teacher_logits: Tensor | None, targets: Tensor
+    ) -> dict[str, Tensor]:
+        """The batch's correct predictions, student's and (when it ran) teacher's: what the
+        trajectory progress of the weight callback reads."""
+        out = {"student_correct": (logits.detach().argmax(1) == targets).sum()}
         if teacher_logits is not None:
             out["teacher_correct"] = (teacher_logits.argmax(1) == targets).sum()
         return out

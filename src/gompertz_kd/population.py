@@ -1,5 +1,8 @@
 """Population runs: many students learn from one teacher pass.
 
+(One file above 700 lines, on purpose: the module, its two callbacks, the member configuration
+and the run are one concept that a reader follows top to bottom; each part is a section below.)
+
 A *population* trains K *members* in one run. Each member is a student with its own objective
 (method, scales, schedules, progress mode) and its own initialisation seed, built exactly as a
 single run of the same configuration builds its :class:`~gompertz_kd.module.DistillationModule`.
@@ -196,15 +199,9 @@ class PopulationModule(L.LightningModule):
                 continue
             self.log(f"{name}/train/loss", total, batch_size=batch_size)
             self.log_dict(
-                {f"{name}/train/{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size
+                {f"{name}/{k}": v for k, v in member.step_values(terms).items()},
+                batch_size=batch_size,
             )
-            extra = {
-                f"{name}/train/{term_name}/{key}": value.detach()
-                for term_name, term in member.objective.terms.items()
-                for key, value in term.extra_metrics().items()
-            }
-            if extra:
-                self.log_dict(extra, batch_size=batch_size)
             member.train_metrics.update(logits.detach(), targets)
             self.log_dict(
                 {f"{name}/{k}": metric for k, metric in member.train_metrics.items()},
@@ -212,10 +209,7 @@ class PopulationModule(L.LightningModule):
                 on_epoch=True,
                 batch_size=batch_size,
             )
-            counts = {"student_correct": (logits.detach().argmax(1) == targets).sum()}
-            if teacher_logits is not None:
-                counts["teacher_correct"] = (teacher_logits.argmax(1) == targets).sum()
-            out[name] = counts
+            out[name] = member.step_counts(logits, teacher_logits, targets)
             totals.append(total)
         if not totals:
             return None

@@ -1,5 +1,9 @@
 """Summarise finished runs: a Markdown table of accuracies over seeds, and training-curve plots.
 
+(One file above 700 lines, on purpose: the report is imported alone, without torch or the rest of
+gompertz_kd, on machines that only hold copied run directories; loading, the table and the plots
+stay in this one module for that.)
+
 The last stage of the data flow (run directory → report). It reads only what a run leaves
 behind — ``results.json`` and the Lightning ``CSVLogger`` history it names — and imports nothing
 else from gompertz_kd but the file names of :mod:`gompertz_kd.run_files` (no torch), so it
