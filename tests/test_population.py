@@ -185,13 +185,26 @@ def test_members_with_another_class_count_are_refused():
 
 
 def test_population_configs_compose_their_members():
-    for name in ("schedules_kd", "paper_table"):
+    for name in ("schedules_kd", "paper_table", "study_kd", "study_dkd"):
         cfg = compose_cfg([f"population={name}"])
         members = member_names(cfg.population)
         assert len(members) >= 4 and all(o for o, _ in members.values())
     cfg = compose_cfg(["population=schedules_kd", "population.seeds=[0,1,2]"])
     assert len(member_names(cfg.population)) == 12
     assert OmegaConf.select(cfg, "population.name") == "schedules_kd"
+
+
+@pytest.mark.parametrize("name", ["schedules_kd", "paper_table", "study_kd", "study_dkd"])
+def test_every_population_config_composes_and_builds_its_members(name):
+    from gompertz_kd.population import compose_members
+    from gompertz_kd.train import check_config
+
+    experiment = "c100_resnet50_mbv2" if name == "paper_table" else "c10cpu_long"
+    overrides = [f"experiment={experiment}", f"population={name}"]
+    cfg = compose_cfg(overrides)
+    members = compose_members(cfg, overrides)
+    objectives = {n: check_config(c) for n, (c, _) in members.items()}
+    assert len(set(map(repr, (o.weights_at(0.05) for o in objectives.values())))) > 1
 
 
 def test_cli_population_multirun_writes_every_member_of_every_job(tiny_c10, cache, tmp_path):
