@@ -104,9 +104,17 @@ def test_every_experiment_composes_and_runs_fast_dev_run(
 
 
 def test_cpu_study_experiments_share_one_recipe_and_differ_only_in_the_objective():
-    study = [e for e in EXPERIMENTS if e.startswith("c10cpu")]
+    study = [e for e in EXPERIMENTS if e.startswith("c10cpu") and e != "c10cpu_long"]
     assert len(study) == 9
     cfgs = {e: compose_cfg([f"experiment={e}"]) for e in study}
+    # the long arm: the same recipe, 4x the epochs, the LR steps scaled with them
+    long = compose_cfg(["experiment=c10cpu_long"])
+    base = cfgs["c10cpu"]
+    assert long.data == base.data and long.teacher == base.teacher
+    assert (long.trainer.max_epochs, list(long.model.lr_milestones)) == (
+        4 * base.trainer.max_epochs,
+        [4 * m for m in base.model.lr_milestones],
+    )
     recipe = {
         e: (c.data, c.trainer.max_epochs, c.model.student, c.model.lr, c.model.lr_milestones)
         for e, c in cfgs.items()
