@@ -58,10 +58,12 @@ MEMBERS = {
 
 
 def test_each_member_ends_bit_equal_to_its_single_run(tiny_c10, cache, tmp_path):
-    """KD, a method with trainable parts (FitNet's regressor) and gradient matching, side by side
-    on one teacher pass: each member's weights equal its own single run's, bit for bit."""
+    """KD, methods with trainable parts (FitNet's regressor; CRD's embeddings, memory bank and
+    batches that carry indices) and gradient matching, side by side on one teacher pass: each
+    member's weights equal its own single run's, bit for bit."""
     members = {k: v for k, v in MEMBERS.items() if k != "gm"}
     members["gm"] = ["method=gkd_gm", "schedule=gompertz"]
+    members["crd"] = ["method=crd", "method.terms.crd.term.num_negatives=64"]
     run = population(tiny_c10, tmp_path / "population", cache, members, "model.gm_every=2")
     for name, overrides in members.items():
         single = run_training(
