@@ -18,6 +18,8 @@ import torch
 from gompertz_kd.bench.harness import (
     MARK_END,
     MARK_START,
+    CaseName,
+    RatioName,
     Result,
     Setup,
     _fmt_mib,
@@ -117,8 +119,8 @@ def targets(
         return "met" if ok else "**not met**"
 
     if rat is not None and steps is not None:
-        plain = rat["overhead, plain loop: KD step / (student step + teacher forward)"][0]
-        light = rat["overhead, Lightning: KD step / (student step + teacher forward)"][0]
+        plain = rat[RatioName.OVERHEAD_PLAIN][0]
+        light = rat[RatioName.OVERHEAD_LIGHTNING][0]
         out.append(
             Target(
                 "framework overhead ≤ 5 % over student step + teacher forward (Lightning included)",
@@ -128,9 +130,9 @@ def targets(
                 "tensor data path and a CSV logger",
             )
         )
-        wd = rat["+ Wasserstein / KD step"][0]
-        wd_alone = rat["Wasserstein term alone / KD step"][0]
-        var_speedup = rat["speed-up of two-pass channel statistics"][0]
+        wd = rat[RatioName.per_kd_step(CaseName.PLUS_WD)][0]
+        wd_alone = rat[RatioName.WD_ALONE][0]
+        var_speedup = rat[RatioName.TWO_PASS_SPEEDUP][0]
         out.append(
             Target(
                 "Wasserstein term ≤ 5 % of the KD step",
@@ -141,11 +143,11 @@ def targets(
                 f"{var_speedup:.0f}× faster on the teacher's last map (the same value)",
             )
         )
-        gm = rat["+ gradient matching / KD step"][0]
-        gm_k = rat[f"+ gradient matching, every {k} steps / KD step"][0]
-        gm_old = rat["+ gradient matching, BatchNorm unfolded / KD step"][0]
-        full = rat["full Gompertz-CNN step / KD step"][0]
-        full_k = rat[f"full, every {k} steps / KD step"][0]
+        gm = rat[RatioName.per_kd_step(CaseName.PLUS_GM)][0]
+        gm_k = rat[RatioName.per_kd_step(CaseName.gm_every(k))][0]
+        gm_old = rat[RatioName.per_kd_step(CaseName.PLUS_GM_UNFOLDED)][0]
+        full = rat[RatioName.per_kd_step(CaseName.FULL)][0]
+        full_k = rat[RatioName.per_kd_step(CaseName.full_every(k))][0]
         out.append(
             Target(
                 "gradient matching ≤ 1.6× the KD step",
@@ -156,7 +158,7 @@ def targets(
                 "steps it runs, weight ×k); finite differences measured and rejected (see accuracy)",
             )
         )
-        tf = steps["teacher forward"]
+        tf = steps[CaseName.TEACHER_FORWARD]
         parts = [f"{tf.images_per_second:.0f} img/s folded"]
         if "speed-up of bf16 teacher, forward" in rat:
             parts.append(f"bf16 {rat['speed-up of bf16 teacher, forward'][0]:.2f}× faster")
@@ -178,7 +180,8 @@ def targets(
         fastest = max(r.images_per_second for r in data.values())
         tensor = data["tensor path (on_device=True)"].images_per_second
         train = max(
-            steps["student step"].images_per_second, steps["Gompertz KD step"].images_per_second
+            steps[CaseName.STUDENT_STEP].images_per_second,
+            steps[CaseName.GOMPERTZ_KD].images_per_second,
         )
         out.append(
             Target(
@@ -191,9 +194,7 @@ def targets(
         )
     if compile_result is not None:
         compile_s, res = compile_result
-        speed = (
-            res["Gompertz KD step, eager"].median / res["Gompertz KD step, torch.compile"].median
-        )
+        speed = res[CaseName.GOMPERTZ_KD_EAGER].median / res[CaseName.GOMPERTZ_KD_COMPILED].median
         out.append(
             Target(
                 "torch.compile as an option, effect and compile time measured",
@@ -306,7 +307,7 @@ def render(
         if "steps" in sections:
             steps = sections["steps"][0]
             lines += ["", "Training throughput the data path feeds (from the steps table):", ""]
-            for name in ("student step", "Gompertz KD step", "full Gompertz-CNN step"):
+            for name in (CaseName.STUDENT_STEP, CaseName.GOMPERTZ_KD, CaseName.FULL):
                 lines.append(f"- {name}: {steps[name].images_per_second:.0f} img/s")
         lines.append("")
     if "compile" in sections:
@@ -360,7 +361,7 @@ def estimate_lines(
     res: dict[str, Result], epochs: int, train_images: int, test_images: int
 ) -> list[str]:
     lines = []
-    evaluation = res["student evaluation forward"].images_per_second
+    evaluation = res[CaseName.STUDENT_EVAL].images_per_second
     for name, r in res.items():
         if not name.startswith("c100_resnet50_mbv2 step"):
             continue

@@ -23,7 +23,9 @@ from gompertz_kd.bench.harness import (
     METHOD_MODEL_OPTIONS,
     STUDENT_METHOD,
     Case,
+    CaseName,
     PlainLoop,
+    RatioName,
     Result,
     Setup,
     _fmt_mib,
@@ -86,8 +88,8 @@ def steps_section(
         return run
 
     cases = [
-        Case("teacher forward", timed(teacher_fwd(kd), dev), batch),
-        Case("teacher forward, BatchNorm unfolded", timed(teacher_fwd(unfolded), dev), batch),
+        Case(CaseName.TEACHER_FORWARD, timed(teacher_fwd(kd), dev), batch),
+        Case(CaseName.TEACHER_FORWARD_UNFOLDED, timed(teacher_fwd(unfolded), dev), batch),
     ]
     if setup.channels_last:
         nchw_teacher = setup.nchw_teacher()
@@ -95,7 +97,7 @@ def steps_section(
         nchw_images = images.contiguous()
         cases.append(
             Case(
-                "teacher forward, BatchNorm unfolded, NCHW",
+                CaseName.TEACHER_FORWARD_NCHW,
                 timed(teacher_fwd(nchw, nchw_images), dev),
                 batch,
             )
@@ -103,18 +105,18 @@ def steps_section(
     bf16_teacher = None
     if setup.precision == "32-true":
         bf16_teacher = setup.module(teacher_precision="bf16")
-        cases.append(Case("teacher forward, bf16", timed(teacher_fwd(bf16_teacher), dev), batch))
+        cases.append(
+            Case(CaseName.TEACHER_FORWARD_BF16, timed(teacher_fwd(bf16_teacher), dev), batch)
+        )
     cases += [
-        Case("teacher input gradient", timed(teacher_grad(kd), dev), batch),
-        Case(
-            "teacher input gradient, BatchNorm unfolded", timed(teacher_grad(unfolded), dev), batch
-        ),
+        Case(CaseName.TEACHER_GRAD, timed(teacher_grad(kd), dev), batch),
+        Case(CaseName.TEACHER_GRAD_UNFOLDED, timed(teacher_grad(unfolded), dev), batch),
     ]
     if bf16_teacher is not None:
         cases.append(
-            Case("teacher input gradient, bf16", timed(teacher_grad(bf16_teacher), dev), batch)
+            Case(CaseName.TEACHER_GRAD_BF16, timed(teacher_grad(bf16_teacher), dev), batch)
         )
-    cases.append(Case("student step", timed(student_step, dev), batch, memory=student_step))
+    cases.append(Case(CaseName.STUDENT_STEP, timed(student_step, dev), batch, memory=student_step))
 
     # The Wasserstein term on its own: projector, pooling, statistics, forward and backward.
     wd = setup.module(wd_scale=1.0)
@@ -132,14 +134,14 @@ def steps_section(
         return lambda: fn(deepest.requires_grad_(False))
 
     cases += [
-        Case("Wasserstein term alone (forward + backward)", timed(wd_term, dev), batch),
+        Case(CaseName.WD_ALONE, timed(wd_term, dev), batch),
         Case(
-            "channel statistics of the teacher's last map",
+            CaseName.TWO_PASS_STATISTICS,
             timed(statistics_of(losses.channel_gaussian_stats), dev),
             batch,
         ),
         Case(
-            "the same with torch.var",
+            CaseName.VAR_STATISTICS,
             timed(statistics_of(_torch_var_statistics), dev),
             batch,
             note="before",
@@ -152,28 +154,28 @@ def steps_section(
 
     exact = {"gm_every": 1}
     cases += [
-        loop_case("static KD step", schedule=Constant(0.9), mixing="convex", **exact),
-        loop_case("Gompertz KD step", **exact),
-        loop_case("+ Wasserstein", wd_scale=1.0, **exact),
-        loop_case("+ gradient matching", gm_scale=1.0, **exact),
-        loop_case("full Gompertz-CNN step", wd_scale=1.0, gm_scale=1.0, **exact),
+        loop_case(CaseName.STATIC_KD, schedule=Constant(0.9), mixing="convex", **exact),
+        loop_case(CaseName.GOMPERTZ_KD, **exact),
+        loop_case(CaseName.PLUS_WD, wd_scale=1.0, **exact),
+        loop_case(CaseName.PLUS_GM, gm_scale=1.0, **exact),
+        loop_case(CaseName.FULL, wd_scale=1.0, gm_scale=1.0, **exact),
         loop_case(
-            "+ gradient matching, BatchNorm unfolded",
+            CaseName.PLUS_GM_UNFOLDED,
             gm_scale=1.0,
             fold_teacher_bn=False,
             note="before",
             **exact,
         ),
-        loop_case(f"+ gradient matching, every {k} steps", k, gm_scale=1.0, gm_every=k),
-        loop_case(f"full, every {k} steps", k, wd_scale=1.0, gm_scale=1.0, gm_every=k),
+        loop_case(CaseName.gm_every(k), k, gm_scale=1.0, gm_every=k),
+        loop_case(CaseName.full_every(k), k, wd_scale=1.0, gm_scale=1.0, gm_every=k),
     ]
     if setup.precision == "32-true":
         cases += [
             loop_case(
-                "Gompertz KD step, bf16 teacher", teacher_precision="bf16", note="approximate"
+                CaseName.GOMPERTZ_KD_BF16_TEACHER, teacher_precision="bf16", note="approximate"
             ),
             loop_case(
-                f"full, every {k} steps, bf16 teacher",
+                CaseName.full_every(k, bf16_teacher=True),
                 k,
                 wd_scale=1.0,
                 gm_scale=1.0,
@@ -185,7 +187,7 @@ def steps_section(
     if setup.channels_last:
         cases.append(
             loop_case(
-                "Gompertz KD step, NCHW, BatchNorm unfolded",
+                CaseName.GOMPERTZ_KD_NCHW,
                 teacher=nchw_teacher,
                 channels_last=False,
                 fold_teacher_bn=False,
@@ -194,23 +196,23 @@ def steps_section(
         )
     cases.append(
         lightning_case(
-            setup, "Gompertz KD step, Lightning", setup.module(**exact), steps=2, scratch=scratch
+            setup, CaseName.GOMPERTZ_KD_LIGHTNING, setup.module(**exact), steps=2, scratch=scratch
         )
     )
     # Cases a ratio compares run next to each other, so that load changes within a round
     # touch both sides alike.
     first = [
-        "teacher forward",
-        "student step",
-        "Gompertz KD step",
-        "Gompertz KD step, Lightning",
-        "static KD step",
-        "+ Wasserstein",
-        "Wasserstein term alone (forward + backward)",
-        "+ gradient matching",
-        f"+ gradient matching, every {k} steps",
-        "full Gompertz-CNN step",
-        f"full, every {k} steps",
+        CaseName.TEACHER_FORWARD,
+        CaseName.STUDENT_STEP,
+        CaseName.GOMPERTZ_KD,
+        CaseName.GOMPERTZ_KD_LIGHTNING,
+        CaseName.STATIC_KD,
+        CaseName.PLUS_WD,
+        CaseName.WD_ALONE,
+        CaseName.PLUS_GM,
+        CaseName.gm_every(k),
+        CaseName.FULL,
+        CaseName.full_every(k),
     ]
     cases.sort(key=lambda c: first.index(c.name) if c.name in first else len(first))
     results = run_round_robin(cases, repeats, warmup, setup.deadline)
@@ -242,7 +244,7 @@ def checkpoint_cost(
         seconds.append(time.perf_counter() - start)
     mib = path.stat().st_size / 2**20
     path.unlink()
-    return statistics.median(seconds), mib, results["Gompertz KD step"].median
+    return statistics.median(seconds), mib, results[CaseName.GOMPERTZ_KD].median
 
 
 def _torch_var_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
@@ -262,63 +264,61 @@ def ratios(results: dict[str, Result], k: int) -> dict[str, tuple[float, float, 
         return results[name].seconds[i]
 
     out = {}
-    base = lambda i: t("student step", i) + t("teacher forward", i)  # noqa: E731
-    out["overhead, plain loop: KD step / (student step + teacher forward)"] = per_round(
-        lambda i: t("Gompertz KD step", i) / base(i)
-    )
-    out["overhead, Lightning: KD step / (student step + teacher forward)"] = per_round(
-        lambda i: t("Gompertz KD step, Lightning", i) / base(i)
+    base = lambda i: t(CaseName.STUDENT_STEP, i) + t(CaseName.TEACHER_FORWARD, i)  # noqa: E731
+    out[RatioName.OVERHEAD_PLAIN] = per_round(lambda i: t(CaseName.GOMPERTZ_KD, i) / base(i))
+    out[RatioName.OVERHEAD_LIGHTNING] = per_round(
+        lambda i: t(CaseName.GOMPERTZ_KD_LIGHTNING, i) / base(i)
     )
     out["Lightning KD step / plain-loop KD step"] = per_round(
-        lambda i: t("Gompertz KD step, Lightning", i) / t("Gompertz KD step", i)
+        lambda i: t(CaseName.GOMPERTZ_KD_LIGHTNING, i) / t(CaseName.GOMPERTZ_KD, i)
     )
-    out["Wasserstein term alone / KD step"] = per_round(
-        lambda i: t("Wasserstein term alone (forward + backward)", i) / t("Gompertz KD step", i)
+    out[RatioName.WD_ALONE] = per_round(
+        lambda i: t(CaseName.WD_ALONE, i) / t(CaseName.GOMPERTZ_KD, i)
     )
     out["static KD step / Gompertz KD step"] = per_round(
-        lambda i: t("static KD step", i) / t("Gompertz KD step", i)
+        lambda i: t(CaseName.STATIC_KD, i) / t(CaseName.GOMPERTZ_KD, i)
     )
     for name in (
-        "+ Wasserstein",
-        "+ gradient matching",
-        "+ gradient matching, BatchNorm unfolded",
-        f"+ gradient matching, every {k} steps",
-        "full Gompertz-CNN step",
-        f"full, every {k} steps",
-        f"full, every {k} steps, bf16 teacher",
+        CaseName.PLUS_WD,
+        CaseName.PLUS_GM,
+        CaseName.PLUS_GM_UNFOLDED,
+        CaseName.gm_every(k),
+        CaseName.FULL,
+        CaseName.full_every(k),
+        CaseName.full_every(k, bf16_teacher=True),
     ):
         if name in results:
-            out[f"{name} / KD step"] = per_round(
-                lambda i, n=name: t(n, i) / t("Gompertz KD step", i)
+            out[RatioName.per_kd_step(name)] = per_round(
+                lambda i, n=name: t(n, i) / t(CaseName.GOMPERTZ_KD, i)
             )
     speedups = [
         (
             "BatchNorm folding, teacher forward",
-            "teacher forward, BatchNorm unfolded",
-            "teacher forward",
+            CaseName.TEACHER_FORWARD_UNFOLDED,
+            CaseName.TEACHER_FORWARD,
         ),
         (
             "BatchNorm folding, teacher input gradient",
-            "teacher input gradient, BatchNorm unfolded",
-            "teacher input gradient",
+            CaseName.TEACHER_GRAD_UNFOLDED,
+            CaseName.TEACHER_GRAD,
         ),
         (
             "channels_last, teacher forward",
-            "teacher forward, BatchNorm unfolded, NCHW",
-            "teacher forward, BatchNorm unfolded",
+            CaseName.TEACHER_FORWARD_NCHW,
+            CaseName.TEACHER_FORWARD_UNFOLDED,
         ),
-        ("bf16 teacher, forward", "teacher forward", "teacher forward, bf16"),
-        ("bf16 teacher, input gradient", "teacher input gradient", "teacher input gradient, bf16"),
+        ("bf16 teacher, forward", CaseName.TEACHER_FORWARD, CaseName.TEACHER_FORWARD_BF16),
+        ("bf16 teacher, input gradient", CaseName.TEACHER_GRAD, CaseName.TEACHER_GRAD_BF16),
         (
             "two-pass channel statistics",
-            "the same with torch.var",
-            "channel statistics of the teacher's last map",
+            CaseName.VAR_STATISTICS,
+            CaseName.TWO_PASS_STATISTICS,
         ),
-        ("bf16 teacher, KD step", "Gompertz KD step", "Gompertz KD step, bf16 teacher"),
+        ("bf16 teacher, KD step", CaseName.GOMPERTZ_KD, CaseName.GOMPERTZ_KD_BF16_TEACHER),
         (
             "channels_last + folding, KD step",
-            "Gompertz KD step, NCHW, BatchNorm unfolded",
-            "Gompertz KD step",
+            CaseName.GOMPERTZ_KD_NCHW,
+            CaseName.GOMPERTZ_KD,
         ),
     ]
     for label, slow, fast in speedups:
@@ -519,9 +519,9 @@ def compile_section(
         first = timed(compiled, setup.device)()
     compile_seconds = first - eager_seconds
     cases = [
-        Case("Gompertz KD step, eager", timed(eager, setup.device), setup.batch, memory=eager),
+        Case(CaseName.GOMPERTZ_KD_EAGER, timed(eager, setup.device), setup.batch, memory=eager),
         Case(
-            "Gompertz KD step, torch.compile",
+            CaseName.GOMPERTZ_KD_COMPILED,
             timed(compiled, setup.device),
             setup.batch,
             memory=compiled,
@@ -575,8 +575,8 @@ def throughput_section(
             evaluator(images)
 
     cases = [
-        Case("teacher forward", timed(teacher_fwd, setup.device), setup.batch),
-        Case("student evaluation forward", timed(student_eval, setup.device), setup.batch),
+        Case(CaseName.TEACHER_FORWARD, timed(teacher_fwd, setup.device), setup.batch),
+        Case(CaseName.STUDENT_EVAL, timed(student_eval, setup.device), setup.batch),
         lightning_case(setup, "c100_resnet50_mbv2 step, Lightning", modules["eager"], 3, scratch),
     ]
     if "gm_bf16" in modules:
