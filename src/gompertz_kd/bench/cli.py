@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 import tempfile
@@ -72,16 +73,13 @@ def _population(args: argparse.Namespace, setup: Setup, memory: list) -> list[Po
     rows = []
     for case in POPULATION_CASES:
         _progress(f"population {case.population}, {case.teacher} -> {case.student}")
-        pair = Setup(
+        # the same device, precision and batch on the case's own pair (a fresh teacher)
+        pair = dataclasses.replace(
+            setup,
             teacher=case.teacher,
             student=case.student,
             num_classes=case.num_classes,
-            batch=setup.batch,
-            device=setup.device,
-            precision=setup.precision,
-            channels_last=setup.channels_last,
             teacher_ckpt=None,
-            gm_every=setup.gm_every,
         )
         pair.deadline = setup.deadline
         rows += population_rows(
