@@ -64,6 +64,20 @@ class SendSignalAt(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class SendSignalInValidation(L.Callback):
+    """Sends a real signal to this process during the validation of epoch ``epoch``."""
+
+    def __init__(self, epoch: int, signum: int = 15):
+        self.epoch = epoch
+        self.signum = signum
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        import os
+
+        if not trainer.sanity_checking and trainer.current_epoch == self.epoch and batch_idx == 0:
+            os.kill(os.getpid(), self.signum)
+
+
 def tiny_kd_overrides(root, out, teacher_cache, max_epochs: int = 1) -> list[str]:
     """Hydra overrides of a short resnet20 -> resnet8 KD run on the tiny CIFAR-10 folder ``root``:
     batch 4, a one-epoch teacher cached in ``teacher_cache``, the decoded data cached beside it

@@ -94,6 +94,27 @@ def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(
     assert json.loads((run_dir / "results.json").read_text())["status"] == "completed"
 
 
+def test_sigterm_during_validation_stops_after_the_next_batch_and_resumes_exactly(
+    tiny_c10, cache, uninterrupted, tmp_path
+):
+    """Lightning's own SIGTERM flag would end the run inside validation with no checkpoint; the
+    stop waits for the next training batch instead."""
+    full, full_dir = uninterrupted
+    run_dir = tmp_path / "interrupted"
+    killer = [
+        "+callbacks.kill._target_=helpers.SendSignalInValidation",
+        "+callbacks.kill.epoch=0",
+        f"+callbacks.kill.signum={int(signal.SIGTERM)}",
+    ]
+    with pytest.raises(RunInterrupted) as stop:
+        run_training(compose_cfg([*overrides(tiny_c10, run_dir, cache), *killer]))
+    assert stop.value.step == STEPS_PER_EPOCH + 1  # the first batch of the next epoch
+    resumed = run_training(compose_cfg([*overrides(tiny_c10, run_dir, cache), "ckpt_path=last"]))
+    want, got = full.module.student.state_dict(), resumed.module.student.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert resumed.results["test"] == full.results["test"]
+
+
 def test_cli_exits_with_signal_code_and_prints_the_resume_command(tiny_c10, cache, tmp_path):
     run_dir = tmp_path / "run"
     args = [

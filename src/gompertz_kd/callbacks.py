@@ -273,7 +273,9 @@ class GracefulStop(L.Callback):
     128 + the signal number and writes no ``results.json``). Resuming with ``ckpt_path=last`` in
     the same run directory continues exactly: optimiser, LR schedule, loss-weight callback, and
     (with the tensor data path) the rest of the interrupted epoch's batches in the same order.
-    A second Ctrl-C aborts at once. Under DDP all ranks stop at the same batch.
+    A second Ctrl-C aborts at once. Under DDP all ranks stop at the same batch. A signal during
+    validation stops the run after the next training batch (a run in its last validation
+    finishes instead).
     """
 
     def __init__(self) -> None:
@@ -292,6 +294,15 @@ class GracefulStop(L.Callback):
         for signum in (signal.SIGINT, signal.SIGTERM):
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handler)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning registers its own SIGTERM handler after on_fit_start, composed with ours; its
+        # flag makes the validation loop raise at once, before any checkpoint (a signal during
+        # validation would lose the epoch). Ours alone, from here on: the stop waits for the next
+        # training batch end, where the state is consistent. (Lightning restores the composed
+        # handler's original, ours, at its teardown; on_fit_end then restores the pre-fit one.)
+        if self._previous and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handler)
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():
