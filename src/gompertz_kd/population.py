@@ -62,7 +62,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from gompertz_kd.callbacks import GompertzWeightCallback, RunTimer
-from gompertz_kd.checkpoints import check_training_checkpoint_fits
 from gompertz_kd.config import CONFIG_DIR
 from gompertz_kd.module import DistillationModule, NonFiniteLossError
 from gompertz_kd.objectives import Need
@@ -188,13 +187,17 @@ class PopulationModule(L.LightningModule):
         indices = rest[0] if rest else None
         losses = self.member_losses(images, targets, self.global_step, indices)
         batch_size = targets.shape[0]
+        weighted = {n: m.weighted_total(losses[n][1]) for n, m in self.members.items()}
+        # one host sync for all members (not one each); summed over ranks so all decide alike
+        bad = torch.stack([~torch.isfinite(t) for t in weighted.values()]).float()
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        non_finite = dict(zip(weighted, (bool(b) for b in bad.tolist()), strict=True))
         totals, out = [], {}
         for name, member in self.members.items():
             logits, terms, teacher_logits = losses[name]
-            total = member.weighted_total(terms)
-            if self.trainer.strategy.reduce_boolean_decision(
-                not bool(torch.isfinite(total)), all=False
-            ):
+            total = weighted[name]
+            if non_finite[name]:
                 self._non_finite(name, member, terms)
                 continue
             self.log(f"{name}/train/loss", total, batch_size=batch_size)
@@ -614,22 +617,10 @@ def run_population(cfg: DictConfig, base_overrides: Sequence[str] | None = None)
     callbacks.append(member_checkpoints)
     loggers = single._instantiate_group(cfg.get("logger"))
     trainer = single.build_trainer(cfg, callbacks, loggers)
-    resume_from = None
-    if resume is not None:
-        path, name, ckpt = resume
-        expected = module.state_dict()
-        for prefix in module._teacher_copies():
-            expected = {k: v for k, v in expected.items() if not k.startswith(prefix)}
-        check_training_checkpoint_fits(ckpt, name, expected)
-        resume_from = str(path)
-        del resume, ckpt
-        single._continue_csv_history(loggers)
-    for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    if trainer.interrupted:
-        raise RuntimeError("training was interrupted; no results.json written")
+    expected = module.state_dict()
+    for prefix in module._teacher_copies():  # the shared teacher is saved once
+        expected = {k: v for k, v in expected.items() if not k.startswith(prefix)}
+    single.fit(cfg, trainer, module, datamodule, loggers, resume, expected)
 
     results = _member_results(
         cfg, members_cfg, trainer, module, datamodule, member_checkpoints, output_dir,

@@ -121,20 +121,7 @@ def run_training(cfg: DictConfig) -> TrainingRun:
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
-    resume_from = None
-    if resume is not None:
-        path, name, ckpt = resume
-        check_training_checkpoint_fits(ckpt, name, module.state_dict())
-        resume_from = str(path)
-        del resume, ckpt  # the mapped file is not needed once checked
-    if resume_from is not None:
-        _continue_csv_history(loggers)
-    for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    if trainer.interrupted:
-        raise RuntimeError("training was interrupted; no results.json written")
+    fit(cfg, trainer, module, datamodule, loggers, resume, module.state_dict())
 
     results = _collect_results(
         cfg, trainer, module, datamodule, output_dir, start, teacher_provision_s
@@ -143,6 +130,36 @@ def run_training(cfg: DictConfig) -> TrainingRun:
         _write_json_atomically(output_dir / RESULTS_FILE, results)
         log.info("Results written to %s", output_dir / RESULTS_FILE)
     return TrainingRun(results=results, module=module, trainer=trainer)
+
+
+def fit(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    datamodule,
+    loggers: list[Any],
+    resume: tuple[Path, str, Mapping[str, Any]] | None,
+    expected: Mapping[str, Any],
+) -> None:
+    """``trainer.fit``, from the resume checkpoint when there is one (checked to fit
+    ``expected``, the state the module saves), its CSV history continued and the config logged.
+
+    Raises:
+        CheckpointError: the resume checkpoint is of another model or objective.
+        RuntimeError: training was interrupted (no results are written).
+    """
+    resume_from = None
+    if resume is not None:
+        path, name, ckpt = resume
+        check_training_checkpoint_fits(ckpt, name, expected)
+        resume_from = str(path)
+        del resume, ckpt  # the mapped file is not needed once checked
+        _continue_csv_history(loggers)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    if trainer.interrupted:
+        raise RuntimeError("training was interrupted; no results.json written")
 
 
 def build_module(
