@@ -50,6 +50,8 @@ def files_under(path):
 
 def test_installed_wheel_composes_from_its_own_configs(installed, tmp_path):
     assert (installed / "gompertz_kd" / "conf" / "train.yaml").is_file()
+    launcher = installed / "hydra_plugins" / "gompertz_kd_population_launcher"
+    assert (launcher / "population_launcher.py").is_file()  # hydra/launcher=population
     env = {**os.environ, "PYTHONPATH": str(installed)}
     where = subprocess.run(
         [sys.executable, "-c", "import gompertz_kd; print(gompertz_kd.__file__)"],

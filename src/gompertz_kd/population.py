@@ -21,6 +21,9 @@ From the command line a population is a config of the ``population`` group::
 ``population.members`` maps each member's name to the Hydra overrides that make it, applied on top
 of the run's own command line (``[method=dkd, schedule=gompertz]``); ``population.seeds`` replicates
 every member over initialisation seeds (``<name>_s<seed>``); the run's ``seed`` is the data seed.
+A member written ``{overrides: [...], seed: N}`` has its own initialisation seed. A Hydra sweep
+trains as populations with ``hydra/launcher=population`` (one member per job; see
+``hydra_plugins/gompertz_kd_population_launcher``).
 Members must share the data, the networks and the recipe (``data``, ``model``, ``trainer``,
 ``teacher``): what differs is the objective, its schedules and progress mode, and the seed.
 
@@ -442,7 +445,8 @@ def check_member_names(names: Sequence[str]) -> None:
 
 def member_names(population: DictConfig) -> dict[str, tuple[list[str], int | None]]:
     """``name -> (overrides, init seed)`` of every member, replicated over ``seeds`` when given
-    (``<name>_s<seed>``; ``None``: the run's seed)."""
+    (``<name>_s<seed>``; ``None``: the run's seed). A member given as ``{overrides: [...], seed:
+    N}`` has its own init seed and is not replicated (the population launcher's jobs)."""
     members = population.get("members")
     if not members:
         check_member_names([])
@@ -460,6 +464,23 @@ def member_names(population: DictConfig) -> dict[str, tuple[list[str], int | Non
     out: dict[str, tuple[list[str], int | None]] = {}
     names: list[str] = []
     for base, overrides in members.items():
+        own_seed = None
+        if isinstance(
+            overrides, Mapping
+        ):  # {overrides: [...], seed: N}: a member with its own seed
+            unknown = sorted(set(map(str, overrides)) - {"overrides", "seed"})
+            if unknown:
+                raise ValueError(
+                    f"population member {base!r} has keys {unknown}: a member is a list of "
+                    "overrides, or {overrides: [...], seed: N} for one with its own seed"
+                )
+            own_seed = overrides.get("seed")
+            if own_seed is not None and seeds is not None:
+                raise ValueError(
+                    f"population member {base!r} has its own seed and population.seeds "
+                    "replicates every member; use one of the two"
+                )
+            overrides = overrides.get("overrides")
         if overrides is None:
             overrides = []
         if isinstance(overrides, str) or not isinstance(overrides, Sequence | list):
@@ -471,6 +492,10 @@ def member_names(population: DictConfig) -> dict[str, tuple[list[str], int | Non
                     f"population member {base!r} sets {o!r}: a member's seed comes from "
                     "population.seeds, and a member cannot hold a population"
                 )
+        if own_seed is not None:
+            names.append(str(base))
+            out[str(base)] = (overrides, int(own_seed))
+            continue
         for seed in seeds if seeds is not None else [None]:
             name = str(base) if seed is None else f"{base}_s{seed}"
             names.append(name)
@@ -522,7 +547,8 @@ def compose_members(
                 raise ValueError(
                     f"population member {name!r} changes {changed}: members share the data, the "
                     f"networks and the recipe ({', '.join(SHARED_GROUPS)}); vary the method, its "
-                    "schedules and the seed, or run that configuration in another population"
+                    "schedules and the seed, or run that configuration in another population (a sweep "
+                    "under hydra/launcher=population: sweep it separately)"
                 )
     return members
 
@@ -665,19 +691,13 @@ def _member_results(
                 split_history(source, name, names, member_dir / HISTORY_FILE)
                 history = HISTORY_FILE
         stage = member.stage_at(member.progress)
+        own = members_cfg_overrides(cfg, name)
         base = str(member_cfg.get("name") or _base_name(name, cfg.population))
         best_score = module.best.get(name, {}).get("top1")
         results = {
             "status": "completed",
             "name": base,
-            "overrides": [
-                *(
-                    o
-                    for o in single._task_overrides()
-                    if not o.lstrip("+~").startswith("population")
-                ),
-                *members_cfg_overrides(cfg, name),
-            ],
+            "overrides": _recorded_overrides(single._task_overrides(), own),
             "seed": seed,
             "data_seed": int(cfg.seed),
             "dataset": cfg.data.dataset,
@@ -710,6 +730,13 @@ def _member_results(
         out[name] = results
     log.info("Population of %d members written to %s", len(names), output_dir / MEMBERS_DIR)
     return out
+
+
+def _recorded_overrides(run: Sequence[str], member: Sequence[str]) -> list[str]:
+    """A member's command line as its single run would record it: the run's overrides (without
+    its population and data seed) and the member's own (which repeat them under a launcher)."""
+    kept = [o for o in run if not o.lstrip("+~").startswith(("population", "seed="))]
+    return [*(o for o in kept if o not in member), *member]
 
 
 def members_cfg_overrides(cfg: DictConfig, name: str) -> list[str]:
