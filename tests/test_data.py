@@ -209,6 +209,29 @@ def test_folder_source_labels_counts_and_pixels(tmp_path):
         assert torch.equal(dm.train_arrays.images[k], _class_image(label, index))
 
 
+def test_in_memory_arrays_give_the_batches_the_folder_gives(tmp_path):
+    """``from_arrays`` (benchmarks, notebooks): the same hold-out and batches as the same images
+    read from a folder, nothing read from disk, batches on the given device."""
+    root = _image_folder(tmp_path)
+    options = dict(batch_size=4, val_split=10, seed=3, num_workers=0)
+    folder = CIFARDataModule(root=root, source="folder", **options)
+    folder.prepare_data()
+    folder.setup()
+    train, test = (
+        sources.load_folder("cifar10", root, "train"),
+        sources.load_folder("cifar10", root, "test"),
+    )
+    memory = CIFARDataModule.from_arrays("cifar10", train, test, device="cpu", **options)
+    memory.prepare_data()  # nothing to prepare: no folder "<in memory>" is looked for
+    memory.setup()
+    assert torch.equal(memory.val_arrays.images, folder.val_arrays.images)
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        for (x, y), (x2, y2) in zip(
+            getattr(memory, loader)(), getattr(folder, loader)(), strict=True
+        ):
+            assert torch.equal(x, x2) and torch.equal(y, y2) and x.device.type == "cpu"
+
+
 def test_folder_source_reads_jpeg_and_ignores_other_files(tmp_path):
     root = _image_folder(tmp_path, train=1, test=1)
     cat = root / "train" / "cat"

@@ -243,11 +243,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                 result.peak_mib = probe(fn)
     steps = sections.get("steps")
     sections["targets"] = targets(
-        steps[0] if steps else None,
-        steps[1] if steps else None,
-        sections.get("data"),
-        sections.get("compile"),
-        setup,
+        steps[0] if steps else None, steps[1] if steps else None, sections.get("data"), setup
     )
     report = render(
         args, setup, sections, (load_before, os.getloadavg()[0]), time.perf_counter() - start

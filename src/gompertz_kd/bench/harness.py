@@ -23,10 +23,8 @@ from torch import Tensor, nn
 from gompertz_kd.callbacks import GompertzWeightCallback
 from gompertz_kd.config import CONFIG_DIR
 from gompertz_kd.data import (
-    EpochSampler,
+    CIFARDataModule,
     ImageArrays,
-    TensorBatchLoader,
-    batch_transform,
 )
 from gompertz_kd.models import create_model
 from gompertz_kd.module import DistillationModule
@@ -91,12 +89,23 @@ class CaseName:
 
 
 class RatioName:
-    """The names of the ratios the targets read (the steps section's ratio table rows)."""
+    """The names of the ratios (the steps section's ratio table rows; the targets read them)."""
 
     OVERHEAD_PLAIN = "overhead, plain loop: KD step / (student step + teacher forward)"
     OVERHEAD_LIGHTNING = "overhead, Lightning: KD step / (student step + teacher forward)"
+    LIGHTNING_VS_PLAIN = "Lightning KD step / plain-loop KD step"
     WD_ALONE = "Wasserstein term alone / KD step"
+    STATIC_VS_GOMPERTZ = "static KD step / Gompertz KD step"
+    FOLDING_FORWARD = "speed-up of BatchNorm folding, teacher forward"
+    FOLDING_GRAD = "speed-up of BatchNorm folding, teacher input gradient"
+    CHANNELS_LAST_FORWARD = "speed-up of channels_last, teacher forward"
+    BF16_FORWARD = "speed-up of bf16 teacher, forward"
+    BF16_GRAD = "speed-up of bf16 teacher, input gradient"
     TWO_PASS_SPEEDUP = "speed-up of two-pass channel statistics"
+    BF16_KD_STEP = "speed-up of bf16 teacher, KD step"
+    CHANNELS_LAST_KD_STEP = "speed-up of channels_last + folding, KD step"
+    # from the data section: the fastest data path's images/s over the fastest training step's
+    DATA_HEADROOM = "data path images/s / fastest training step images/s"
 
     @staticmethod
     def per_kd_step(case: str) -> str:
@@ -321,29 +330,28 @@ class Setup:
         return teacher.eval().requires_grad_(False)
 
     def arrays(self, count: int | None = None) -> ImageArrays:
-        count = count or max(2048, 8 * self.batch)
+        count = count or self.batch * max(8, -(-2048 // self.batch))  # whole batches
         generator = torch.Generator().manual_seed(0)
         images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator)
         labels = torch.randint(0, self.num_classes, (count,), generator=generator)
         return ImageArrays(images, labels)
 
-    def tensor_loader(
-        self, arrays: ImageArrays | None = None, with_indices: bool = False
-    ) -> TensorBatchLoader:
-        """The fast data path: uint8 split on the device, standard augmentation batched; with
-        ``with_indices`` the batches also carry each image's index (for CRD's memory bank)."""
+    def data(self, arrays: ImageArrays | None = None, **kwargs: Any) -> CIFARDataModule:
+        """A CIFAR-100 DataModule over ``arrays`` (default: :meth:`arrays`) on the bench's device,
+        batch ``self.batch``, standard augmentation, seed 0; ``kwargs`` as for the DataModule."""
+        options = dict(batch_size=self.batch, augment="standard", seed=0, num_workers=0)
+        options.update(kwargs)
         arrays = arrays or self.arrays()
-        sampler = EpochSampler(arrays, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True)
-        return TensorBatchLoader(
-            arrays,
-            self.batch,
-            batch_transform("cifar100", "standard"),
-            sampler,
-            seed=0,
-            device=self.device,
-            drop_last=True,
-            with_indices=with_indices,
+        # the same images stand in for the test split (fit validates on it; the bench never does)
+        return CIFARDataModule.from_arrays(
+            "cifar100", arrays, arrays, device=self.device, **options
         )
+
+    def tensor_loader(self, arrays: ImageArrays | None = None, with_indices: bool = False):
+        """The training loader runs use: the tensor path (uint8 split on the device, standard
+        augmentation batched); with ``with_indices`` the batches also carry each image's index
+        (for CRD's memory bank)."""
+        return self.data(arrays, on_device=True, with_indices=with_indices).train_dataloader()
 
     def fixed_batch(self) -> tuple[Tensor, Tensor]:
         images, labels = next(iter(self.tensor_loader()))

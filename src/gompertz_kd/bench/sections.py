@@ -36,12 +36,6 @@ from gompertz_kd.bench.harness import (
     timed,
 )
 from gompertz_kd.config import CONFIG_DIR
-from gompertz_kd.data import (
-    EpochSampler,
-    ImageDataset,
-    image_transform,
-)
-from gompertz_kd.data.loaders import collate
 from gompertz_kd.module import DistillationModule
 from gompertz_kd.objectives import CRD, Objective
 from gompertz_kd.schedules import Constant
@@ -269,13 +263,13 @@ def ratios(results: dict[str, Result], k: int) -> dict[str, tuple[float, float, 
     out[RatioName.OVERHEAD_LIGHTNING] = per_round(
         lambda i: t(CaseName.GOMPERTZ_KD_LIGHTNING, i) / base(i)
     )
-    out["Lightning KD step / plain-loop KD step"] = per_round(
+    out[RatioName.LIGHTNING_VS_PLAIN] = per_round(
         lambda i: t(CaseName.GOMPERTZ_KD_LIGHTNING, i) / t(CaseName.GOMPERTZ_KD, i)
     )
     out[RatioName.WD_ALONE] = per_round(
         lambda i: t(CaseName.WD_ALONE, i) / t(CaseName.GOMPERTZ_KD, i)
     )
-    out["static KD step / Gompertz KD step"] = per_round(
+    out[RatioName.STATIC_VS_GOMPERTZ] = per_round(
         lambda i: t(CaseName.STATIC_KD, i) / t(CaseName.GOMPERTZ_KD, i)
     )
     for name in (
@@ -291,39 +285,23 @@ def ratios(results: dict[str, Result], k: int) -> dict[str, tuple[float, float, 
             out[RatioName.per_kd_step(name)] = per_round(
                 lambda i, n=name: t(n, i) / t(CaseName.GOMPERTZ_KD, i)
             )
-    speedups = [
+    speedups = [  # (ratio, the slower case, the faster case)
+        (RatioName.FOLDING_FORWARD, CaseName.TEACHER_FORWARD_UNFOLDED, CaseName.TEACHER_FORWARD),
+        (RatioName.FOLDING_GRAD, CaseName.TEACHER_GRAD_UNFOLDED, CaseName.TEACHER_GRAD),
         (
-            "BatchNorm folding, teacher forward",
-            CaseName.TEACHER_FORWARD_UNFOLDED,
-            CaseName.TEACHER_FORWARD,
-        ),
-        (
-            "BatchNorm folding, teacher input gradient",
-            CaseName.TEACHER_GRAD_UNFOLDED,
-            CaseName.TEACHER_GRAD,
-        ),
-        (
-            "channels_last, teacher forward",
+            RatioName.CHANNELS_LAST_FORWARD,
             CaseName.TEACHER_FORWARD_NCHW,
             CaseName.TEACHER_FORWARD_UNFOLDED,
         ),
-        ("bf16 teacher, forward", CaseName.TEACHER_FORWARD, CaseName.TEACHER_FORWARD_BF16),
-        ("bf16 teacher, input gradient", CaseName.TEACHER_GRAD, CaseName.TEACHER_GRAD_BF16),
-        (
-            "two-pass channel statistics",
-            CaseName.VAR_STATISTICS,
-            CaseName.TWO_PASS_STATISTICS,
-        ),
-        ("bf16 teacher, KD step", CaseName.GOMPERTZ_KD, CaseName.GOMPERTZ_KD_BF16_TEACHER),
-        (
-            "channels_last + folding, KD step",
-            CaseName.GOMPERTZ_KD_NCHW,
-            CaseName.GOMPERTZ_KD,
-        ),
+        (RatioName.BF16_FORWARD, CaseName.TEACHER_FORWARD, CaseName.TEACHER_FORWARD_BF16),
+        (RatioName.BF16_GRAD, CaseName.TEACHER_GRAD, CaseName.TEACHER_GRAD_BF16),
+        (RatioName.TWO_PASS_SPEEDUP, CaseName.VAR_STATISTICS, CaseName.TWO_PASS_STATISTICS),
+        (RatioName.BF16_KD_STEP, CaseName.GOMPERTZ_KD, CaseName.GOMPERTZ_KD_BF16_TEACHER),
+        (RatioName.CHANNELS_LAST_KD_STEP, CaseName.GOMPERTZ_KD_NCHW, CaseName.GOMPERTZ_KD),
     ]
-    for label, slow, fast in speedups:
+    for ratio, slow, fast in speedups:
         if slow in results and fast in results:
-            out[f"speed-up of {label}"] = per_round(lambda i, s=slow, f=fast: t(s, i) / t(f, i))
+            out[ratio] = per_round(lambda i, s=slow, f=fast: t(s, i) / t(f, i))
     return out
 
 
@@ -477,20 +455,10 @@ def data_section(
     setup: Setup, repeats: int, batches: int, workers: Sequence[int]
 ) -> dict[str, Result]:
     """Images/second of each data path alone, round-robin."""
-    arrays = setup.arrays(count=max(4096, 4 * batches * setup.batch))
+    arrays = setup.arrays(count=setup.batch * max(4 * batches, -(-4096 // setup.batch)))
     loaders = {"tensor path (on_device=True)": _forever(setup.tensor_loader(arrays))}
     for w in workers:
-        sampler = EpochSampler(arrays, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True)
-        loader = torch.utils.data.DataLoader(
-            ImageDataset(arrays, image_transform("cifar100", "standard"), seed=0),
-            batch_size=setup.batch,
-            sampler=sampler,
-            num_workers=w,
-            collate_fn=collate,
-            drop_last=True,
-            pin_memory=setup.device.type == "cuda",
-            persistent_workers=w > 0,
-        )
+        loader = setup.data(arrays, on_device=False, num_workers=w).train_dataloader()
         if setup.device.type == "cuda":
             loaders[f"per-image DataLoader, num_workers={w}"] = (
                 (x.to(setup.device, non_blocking=True), y.to(setup.device, non_blocking=True))

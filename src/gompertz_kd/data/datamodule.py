@@ -155,6 +155,26 @@ class CIFARDataModule(L.LightningDataModule):
         self.val_arrays: ImageArrays | None = None
         self.test_arrays: ImageArrays | None = None
         self._loaded: dict[str, ImageArrays] = {}
+        # where loaders built outside a Trainer put their batches (under one: the Trainer's device)
+        self.device = torch.device("cpu")
+
+    @classmethod
+    def from_arrays(
+        cls,
+        dataset: str,
+        train: ImageArrays,
+        test: ImageArrays | None = None,
+        device: torch.device | str = "cpu",
+        **kwargs,
+    ) -> CIFARDataModule:
+        """A DataModule over images already in memory (benchmarks, notebooks): ``train`` is the
+        training split (``val_split`` still holds out from it), ``test`` the test split; the
+        other arguments as for the constructor. Loaders built outside a Trainer put batches on
+        ``device``; under a Trainer, on its device."""
+        module = cls(dataset, root="<in memory>", source="folder", **kwargs)
+        module._loaded = {"train": train, **({"test": test} if test is not None else {})}
+        module.device = torch.device(device)
+        return module
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -211,6 +231,8 @@ class CIFARDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Download / extract the official archive, or build the folder cache (one process per
         node, before :meth:`setup` on every rank)."""
+        if {"train", "test"} <= set(self._loaded):  # in memory (from_arrays)
+            return
         if self.source == "torchvision":
             prepare_torchvision(self.dataset, self.root, self.download)
         elif self.cache_dir is not None:
@@ -276,10 +298,10 @@ class CIFARDataModule(L.LightningDataModule):
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
     def _placement(self) -> tuple[int, int, torch.device]:
-        """(rank, world size, device) from the trainer; a single CPU process without one."""
+        """(rank, world size, device) from the trainer; one process on ``device`` without one."""
         trainer = self.trainer
         if trainer is None:
-            return 0, 1, torch.device("cpu")
+            return 0, 1, self.device
         return trainer.global_rank, trainer.world_size, trainer.strategy.root_device
 
     def _loader(self, arrays: ImageArrays, train: bool):
