@@ -272,6 +272,22 @@ def test_markdown_table_cells_and_labels(sweep):
     assert "ddof = 1" in table and "validation split" in table
 
 
+def test_a_search_without_test_numbers_shows_its_val_column(tmp_path):
+    for trial, val in enumerate((0.61, 0.64)):
+        write_run(
+            tmp_path / "search" / str(trial), name=f"job{trial}",
+            overrides=[f"schedule.b={trial + 2}"], seed=0, top1=0.0, best_top1=0.0, top5=0.0,
+            selected_on="val", wall_time_s=60.0, images_per_s=100.0,
+        )  # fmt: skip
+        path = tmp_path / "search" / str(trial) / "results.json"
+        results = json.loads(path.read_text())
+        results.update(test={"top1": None, "top5": None}, best_val_top1=val)
+        path.write_text(json.dumps(results))
+    lines = markdown_table(summarize(load_runs([tmp_path / "search"]))).splitlines()
+    assert "| top-1 % best epoch (val) |" in lines[0]
+    assert [line.split(" | ")[2] for line in lines[2:4]] == ["61.00 ± —", "64.00 ± —"]
+
+
 # ------------------------------------------------------------------------------ curves
 def test_history_reads_blank_cells_as_missing(tmp_path):
     path = tmp_path / "metrics.csv"

@@ -331,6 +331,8 @@ class SummaryRow:
             test split itself, optimistic); empty when no run recorded a best epoch.
         wall_time_min: wall time per run in minutes; images_per_s: training throughput.
         test_top1_by_seed: each run's last-epoch test top-1, by seed (for paired differences).
+        best_val_top1: the best epoch's validation top-1 (what a search judges by).
+        tested: whether every run evaluated the test split (a search's runs do not).
     """
 
     config: str
@@ -342,6 +344,8 @@ class SummaryRow:
     wall_time_min: Stat
     images_per_s: Stat
     test_top1_by_seed: tuple[tuple[int | None, float | None], ...] = ()
+    best_val_top1: Stat = Stat.of(())
+    tested: bool = True
 
     @property
     def n_seeds(self) -> int:
@@ -384,6 +388,8 @@ def summarize(runs: Iterable[Run]) -> list[SummaryRow]:
                 test_top1_by_seed=tuple(
                     (seed, _get(r, "test", "top1")) for seed, r in zip(seeds, res, strict=True)
                 ),
+                best_val_top1=Stat.of(_get(r, "best_val_top1") for r in res),
+                tested=all(_get(r, "test", "top1") is not None for r in res),
             )
         )
     return rows
@@ -463,6 +469,15 @@ def markdown_table(rows: Sequence[SummaryRow], baseline: str | None = None) -> s
             "seed (same seed: same initialisation and data order), mean ± sample std of the "
             "differences over the n seeds both have."
         )
+    untested = not all(row.tested for row in rows)
+    if untested:  # a search: judged on the held-out val split, the test split never evaluated
+        header.insert(2, "top-1 % best epoch (val)")
+        notes.insert(
+            0,
+            "- *best epoch (val)*: validation top-1 of the best epoch, on the split the run held "
+            "out (what a hyper-parameter search judges by); runs without test numbers never "
+            "evaluated the test split.",
+        )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = (
@@ -478,6 +493,8 @@ def markdown_table(rows: Sequence[SummaryRow], baseline: str | None = None) -> s
         if base is not None:
             delta = "—" if row is base else _delta(paired_difference(row, base))
             cells = (*cells[:3], delta, *cells[3:])
+        if untested:
+            cells = (*cells[:2], _pct(row.best_val_top1), *cells[2:])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join([*lines, "", *notes])
 
