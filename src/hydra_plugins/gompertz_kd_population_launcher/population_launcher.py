@@ -19,6 +19,9 @@ first job's seed). Outputs: ``<sweep dir>/<first job number of the batch>/member
 (``results.json``, ``csv/metrics.csv``, ``checkpoints/``), read by ``python -m gompertz_kd.report``
 like single runs.
 
+A stopped batch (SIGINT / SIGTERM) writes its checkpoint like any population run, but Hydra does
+not resume sweeps: the batches that finished keep their results; run the rest again.
+
 This module sits in the ``hydra_plugins`` namespace because Hydra instantiates launchers only from
 there; it imports nothing heavy until a batch is launched (Hydra imports every plugin at start-up).
 """
