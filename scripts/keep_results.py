@@ -4,8 +4,9 @@ from the repository alone (checkpoints and data stay out).
 
     python scripts/keep_results.py logs/c10cpu/multiruns/<timestamp> docs/results/<study>
 
-Each run lands in ``<study>/<its overrides>/`` (``method-dkd_seed-0``), its history at the same
-relative path as in the run directory.
+Each run lands in ``<study>/<its overrides>/`` (``method-dkd_seed-0``), a population member in
+``<study>/<its member name>/`` (``static_s0``, ``job3``), its history at the same relative path as
+in the run directory.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def keep(source: Path, study: Path) -> list[Path]:
     kept = []
     for path in sorted(source.rglob("results.json")):
         results = json.loads(path.read_text())
-        dest = study / run_name(results, path.parent.name)
+        member = results.get("population") is not None
+        dest = study / (path.parent.name if member else run_name(results, path.parent.name))
         if dest.exists():
             raise SystemExit(f"{dest} exists: two runs with the same overrides, or kept before")
         dest.mkdir(parents=True)

@@ -12,12 +12,14 @@ keep_results = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(keep_results)
 
 
-def fake_run(run_dir: Path, overrides: list[str]) -> None:
+def fake_run(run_dir: Path, overrides: list[str], population: dict | None = None) -> None:
     (run_dir / "csv").mkdir(parents=True)
     (run_dir / "csv" / "metrics.csv").write_text("step,train/loss\n0,1.0\n")
     (run_dir / "checkpoints").mkdir()
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"big")
     results = {"overrides": overrides, "history": "csv/metrics.csv", "test": {"top1": 0.5}}
+    if population is not None:
+        results["population"] = population
     (run_dir / "results.json").write_text(json.dumps(results))
 
 
@@ -35,3 +37,11 @@ def test_keeps_results_and_history_under_the_runs_overrides_never_checkpoints(tm
         assert not list(dest.rglob("*.ckpt"))
     with pytest.raises(SystemExit, match="exists"):
         keep_results.keep(sweep, tmp_path / "study")
+
+
+def test_population_members_keep_their_member_names(tmp_path):
+    run = tmp_path / "population" / "members"
+    for name in ("static_s0", "job3"):
+        fake_run(run / name, ["experiment=c10cpu", "seed=0"], population={"name": "p"})
+    kept = keep_results.keep(tmp_path / "population", tmp_path / "study")
+    assert sorted(p.name for p in kept) == ["job3", "static_s0"]
