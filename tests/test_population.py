@@ -186,8 +186,12 @@ def test_members_with_another_class_count_are_refused():
         )
 
 
+POPULATION_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "population").glob("*.yaml"))
+
+
 def test_population_configs_compose_their_members():
-    for name in ("schedules_kd", "paper_table", "study_kd", "study_dkd"):
+    assert {"schedules_kd", "paper_table", "study_kd", "study_dkd"} <= set(POPULATION_CONFIGS)
+    for name in POPULATION_CONFIGS:
         cfg = compose_cfg([f"population={name}"])
         members = member_names(cfg.population)
         assert len(members) >= 4 and all(o for o, _ in members.values())
@@ -196,7 +200,7 @@ def test_population_configs_compose_their_members():
     assert OmegaConf.select(cfg, "population.name") == "schedules_kd"
 
 
-@pytest.mark.parametrize("name", ["schedules_kd", "paper_table", "study_kd", "study_dkd"])
+@pytest.mark.parametrize("name", POPULATION_CONFIGS)
 def test_every_population_config_composes_and_builds_its_members(name):
     from gompertz_kd.population import compose_members
     from gompertz_kd.train import check_config
