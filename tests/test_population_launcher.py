@@ -141,3 +141,11 @@ def test_the_studys_searches_run_on_val_as_populations(search):
 def _compose(overrides, hydra=False):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("train", overrides=overrides, return_hydra_config=hydra)
+
+
+def test_the_optuna_search_spreads_the_trials_of_a_batch():
+    from hydra.utils import instantiate
+
+    cfg = _compose(["hparams_search=gompertz_optuna"], hydra=True)
+    sampler = instantiate(cfg.hydra.sweeper.sampler)
+    assert sampler._constant_liar and sampler._n_startup_trials == 8
