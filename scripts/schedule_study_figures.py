@@ -1,0 +1,106 @@
+"""The figures of docs/schedule_study.md that are not a report table, from the kept results:
+
+    python scripts/schedule_study_figures.py [docs/results/schedule_study]
+
+- the Optuna search: every trial (b, c, inflection t* = ln b / c, best val top-1), per batch of 8;
+- the trajectory-target search: per target, progress at 10 / 25 / 50 % of training, where it
+  first reaches 1, its final value and the mean KD weight (logged steps of ``metrics.csv``);
+- the mean KD weight and best val top-1 of the first long arm's seed-0 members;
+- landmarks of the default and the tuned Gompertz curve (w_max 0.9), on 1,001 points.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+from gompertz_kd.schedules import Gompertz
+
+
+def _results(folder: Path) -> list[tuple[str, dict]]:
+    runs = [(p.parent.name, json.loads(p.read_text())) for p in folder.glob("*/results.json")]
+    return sorted(runs, key=lambda r: (len(r[0]), r[0]))
+
+
+def _logged(run_dir: Path, column: str) -> list[tuple[int, float]]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [(int(r["step"]), float(r[column])) for r in csv.DictReader(f) if r.get(column)]
+
+
+def optuna_search(folder: Path) -> None:
+    print("## Optuna search (b, c, t*, best val top-1 %)")
+    runs = _results(folder)
+    for batch in range(0, len(runs), 8):
+        vals = []
+        for name, r in runs[batch : batch + 8]:
+            b, c = r["config"]["schedule"]["b"], r["config"]["schedule"]["c"]
+            vals.append(100 * r["best_val_top1"])
+            print(f"{name}: b {b:.2f}, c {c:.2f}, t* {math.log(b) / c:.2f}, val {vals[-1]:.2f}")
+        print(
+            f"batch {batch // 8 + 1}: mean {statistics.mean(vals):.2f} ± "
+            f"{statistics.stdev(vals):.2f}, {min(vals):.2f}–{max(vals):.2f}\n"
+        )
+
+
+def trajectory_search(folder: Path) -> None:
+    print("## Trajectory-target search")
+    for name, r in _results(folder):
+        progress = _logged(folder / name, "schedule/progress")
+        weight = _logged(folder / name, "kd_weight")
+        last = progress[-1][0]
+
+        def at(fraction: float) -> float:
+            return [p for s, p in progress if s <= fraction * last][-1]
+
+        full = next((s / last for s, p in progress if p >= 0.999), None)
+        target = r["config"]["callbacks"]["gompertz_weight"]["trajectory_target"]
+        print(
+            f"target {target}: val {100 * r['best_val_top1']:.2f}; progress at 10/25/50 %: "
+            f"{at(0.1):.2f} / {at(0.25):.2f} / {at(0.5):.2f}; reaches 1 at "
+            f"{'never' if full is None else f'{100 * full:.0f} %'}; final {progress[-1][1]:.2f}; "
+            f"mean KD weight {statistics.mean(w for _, w in weight):.2f}"
+        )
+    print()
+
+
+def long_arm(folder: Path) -> None:
+    print("## First long arm, seed 0: mean KD weight (logged steps), best val top-1 %")
+    for name, r in _results(folder):
+        if name.endswith("_s0"):
+            weight = statistics.mean(w for _, w in _logged(folder / name, "kd_weight"))
+            print(f"{name}: {weight:.2f}, val {100 * r['best_val_top1']:.2f}")
+    print()
+
+
+def curves() -> None:
+    print("## Gompertz curves, w_max 0.9 (t: fraction of training)")
+    grid = [i / 1000 for i in range(1001)]
+    for b, c in ((10.0, 6.0), (2.4634, 7.0051)):
+        g = Gompertz(w_max=0.9, b=b, c=c)
+        w = [g(t) for t in grid]
+
+        def first(level: float) -> float:
+            return next(t for t, v in zip(grid, w, strict=True) if v >= level)
+
+        print(
+            f"b {b}, c {c}: w(0) {w[0]:.3f}, w(1) {w[-1]:.3f}, reaches 0.01 / 0.5 / 0.85 at "
+            f"{first(0.01):.3f} / {first(0.5):.3f} / {first(0.85):.3f}, mean {statistics.mean(w):.2f}"
+        )
+    default = Gompertz(w_max=0.9, b=10.0, c=6.0)
+    print("default at progress 0.67 / 0.81 / 0.90:", [round(default(p), 3) for p in (0.67, 0.81, 0.9)])
+
+
+def main() -> None:
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/schedule_study")
+    optuna_search(root / "search_gompertz_kd")
+    trajectory_search(root / "search_trajectory_kd")
+    long_arm(root / "study_kd_long")
+    curves()
+
+
+if __name__ == "__main__":
+    main()
