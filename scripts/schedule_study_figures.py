@@ -52,15 +52,12 @@ def trajectory_search(folder: Path) -> None:
         progress = _logged(folder / name, "schedule/progress")
         weight = _logged(folder / name, "kd_weight")
         last = progress[-1][0]
-
-        def at(fraction: float) -> float:
-            return [p for s, p in progress if s <= fraction * last][-1]
-
+        at = {f: [p for s, p in progress if s <= f * last][-1] for f in (0.1, 0.25, 0.5)}
         full = next((s / last for s, p in progress if p >= 0.999), None)
         target = r["config"]["callbacks"]["gompertz_weight"]["trajectory_target"]
         print(
             f"target {target}: val {100 * r['best_val_top1']:.2f}; progress at 10/25/50 %: "
-            f"{at(0.1):.2f} / {at(0.25):.2f} / {at(0.5):.2f}; reaches 1 at "
+            f"{at[0.1]:.2f} / {at[0.25]:.2f} / {at[0.5]:.2f}; reaches 1 at "
             f"{'never' if full is None else f'{100 * full:.0f} %'}; final {progress[-1][1]:.2f}; "
             f"mean KD weight {statistics.mean(w for _, w in weight):.2f}"
         )
@@ -82,13 +79,13 @@ def curves() -> None:
     for b, c in ((10.0, 6.0), (2.4634, 7.0051)):
         g = Gompertz(w_max=0.9, b=b, c=c)
         w = [g(t) for t in grid]
-
-        def first(level: float) -> float:
-            return next(t for t, v in zip(grid, w, strict=True) if v >= level)
-
+        first = {
+            level: next(t for t, v in zip(grid, w, strict=True) if v >= level)
+            for level in (0.01, 0.5, 0.85)
+        }
         print(
             f"b {b}, c {c}: w(0) {w[0]:.3f}, w(1) {w[-1]:.3f}, reaches 0.01 / 0.5 / 0.85 at "
-            f"{first(0.01):.3f} / {first(0.5):.3f} / {first(0.85):.3f}, mean {statistics.mean(w):.2f}"
+            f"{first[0.01]:.3f} / {first[0.5]:.3f} / {first[0.85]:.3f}, mean {statistics.mean(w):.2f}"
         )
     default = Gompertz(w_max=0.9, b=10.0, c=6.0)
     print("default at progress 0.67 / 0.81 / 0.90:", [round(default(p), 3) for p in (0.67, 0.81, 0.9)])
