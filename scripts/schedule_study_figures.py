@@ -88,7 +88,9 @@ def curves() -> None:
             f"{first[0.01]:.3f} / {first[0.5]:.3f} / {first[0.85]:.3f}, mean {statistics.mean(w):.2f}"
         )
     default = Gompertz(w_max=0.9, b=10.0, c=6.0)
-    print("default at progress 0.67 / 0.81 / 0.90:", [round(default(p), 3) for p in (0.67, 0.81, 0.9)])
+    print(
+        "default at progress 0.67 / 0.81 / 0.90:", [round(default(p), 3) for p in (0.67, 0.81, 0.9)]
+    )
 
 
 def main() -> None:
