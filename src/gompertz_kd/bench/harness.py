@@ -330,7 +330,10 @@ class Setup:
         return teacher.eval().requires_grad_(False)
 
     def arrays(self, count: int | None = None) -> ImageArrays:
-        count = count or self.batch * max(8, -(-2048 // self.batch))  # whole batches
+        """Random uint8 images: at least ``count`` (default max(2048, 8 batches)), rounded up to
+        whole batches so that no short batch is timed."""
+        count = max(count or 2048, 8 * self.batch)
+        count = self.batch * -(-count // self.batch)
         generator = torch.Generator().manual_seed(0)
         images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator)
         labels = torch.randint(0, self.num_classes, (count,), generator=generator)

@@ -455,7 +455,7 @@ def data_section(
     setup: Setup, repeats: int, batches: int, workers: Sequence[int]
 ) -> dict[str, Result]:
     """Images/second of each data path alone, round-robin."""
-    arrays = setup.arrays(count=setup.batch * max(4 * batches, -(-4096 // setup.batch)))
+    arrays = setup.arrays(count=max(4096, 4 * batches * setup.batch))
     loaders = {"tensor path (on_device=True)": _forever(setup.tensor_loader(arrays))}
     for w in workers:
         loader = setup.data(arrays, on_device=False, num_workers=w).train_dataloader()
