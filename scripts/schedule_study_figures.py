@@ -5,7 +5,9 @@
 - the Optuna search: every trial (b, c, inflection t* = ln b / c, best val top-1), per batch of 8;
 - the trajectory-target search: per target, progress at 10 / 25 / 50 % of training, where it
   first reaches 1, its final value and the mean KD weight (logged steps of ``metrics.csv``);
-- the mean KD weight and best val top-1 of the first long arm's seed-0 members;
+- per arm of the long populations: test top-1 per seed; (seed 0) the mean of each loss weight
+  and best val top-1;
+  each population's wall time;
 - landmarks of the default and the tuned Gompertz curve (w_max 0.9), on 1,001 points.
 """
 
@@ -64,13 +66,45 @@ def trajectory_search(folder: Path) -> None:
     print()
 
 
-def long_arm(folder: Path) -> None:
-    print("## First long arm, seed 0: mean KD weight (logged steps), best val top-1 %")
+def mean_weights(folder: Path) -> None:
+    """Seed 0 of every arm in ``folder``: the mean of each logged loss weight but CE's."""
+    print(f"## {folder.name}, seed 0: mean loss weights (logged steps), best val top-1 %")
     for name, r in _results(folder):
         if name.endswith("_s0"):
-            weight = statistics.mean(w for _, w in _logged(folder / name, "kd_weight"))
-            print(f"{name}: {weight:.2f}, val {100 * r['best_val_top1']:.2f}")
+            with open(folder / name / "csv" / "metrics.csv") as f:
+                columns = next(csv.reader(f))
+            weights = [c for c in columns if c.endswith("_weight") and c != "ce_weight"]
+            means = ", ".join(
+                f"{c} {statistics.mean(w for _, w in _logged(folder / name, c)):.2f}"
+                for c in weights
+            )
+            print(f"{name}: {means or 'no KD term'}; val {100 * r['best_val_top1']:.2f}")
     print()
+
+
+def per_seed(folder: Path) -> None:
+    """Every arm's test top-1 % per init seed: last epoch, and the epoch picked on val."""
+    print(f"## {folder.name}: test top-1 % per seed, last epoch (best epoch)")
+    arms: dict[str, list[str]] = {}
+    for name, r in _results(folder):
+        arm = name.rsplit("_s", 1)[0]
+        arms.setdefault(arm, []).append(
+            f"s{r['seed']} {100 * r['test']['top1']:.2f} ({100 * r['best']['top1']:.2f})"
+        )
+    for arm, values in arms.items():
+        print(f"{arm}: {', '.join(values)}")
+    print()
+
+
+def wall_times(folder: Path) -> None:
+    """A population's wall time (its members share one run) and its members' share."""
+    runs = _results(folder)
+    if runs:
+        seconds = runs[0][1]["wall_time_s"]
+        print(
+            f"## {folder.name}: {len(runs)} members, wall time {seconds / 60:.0f} min of the "
+            f"last (resumed) segment, {seconds / 60 / len(runs):.1f} min per member\n"
+        )
 
 
 def curves() -> None:
@@ -97,7 +131,11 @@ def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/schedule_study")
     optuna_search(root / "search_gompertz_kd")
     trajectory_search(root / "search_trajectory_kd")
-    long_arm(root / "study_kd_long")
+    for study in ("study_kd_long", "study_dkd", "study_tuned"):
+        if (root / study).is_dir():
+            per_seed(root / study)
+            mean_weights(root / study)
+            wall_times(root / study)
     curves()
 
 
