@@ -190,7 +190,14 @@ POPULATION_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "population").glob("*.
 
 
 def test_population_configs_compose_their_members():
-    assert {"schedules_kd", "paper_table", "study_kd", "study_dkd"} <= set(POPULATION_CONFIGS)
+    assert {
+        "schedules_kd",
+        "paper_table",
+        "study_kd",
+        "study_dkd",
+        "study_tuned",
+        "study_cnn",
+    } <= set(POPULATION_CONFIGS)
     for name in POPULATION_CONFIGS:
         cfg = compose_cfg([f"population={name}"])
         members = member_names(cfg.population)
