@@ -6,8 +6,7 @@
 - the trajectory-target search: per target, progress at 10 / 25 / 50 % of training, where it
   first reaches 1, its final value and the mean KD weight (logged steps of ``metrics.csv``);
 - per arm of the long populations: test top-1 per seed; (seed 0) the mean of each loss weight
-  and best val top-1;
-  each population's wall time;
+  and best val top-1; each population's wall time (of its last segment when it was resumed);
 - landmarks of the default and the tuned Gompertz curve (w_max 0.9), on 1,001 points.
 """
 
