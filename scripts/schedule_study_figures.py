@@ -7,6 +7,8 @@
   first reaches 1, its final value and the mean KD weight (logged steps of ``metrics.csv``);
 - per arm of the long populations: test top-1 per seed; (seed 0) the mean of each loss weight
   and best val top-1; each population's wall time (of its last segment when it was resumed);
+- the Gompertz-CNN arms against KD on the same curve: the paired test top-1 difference per seed,
+  and (seed 0) each loss term's mean logged value, unweighted, in the first and the last epoch;
 - landmarks of the default and the tuned Gompertz curve (w_max 0.9), on 1,001 points.
 """
 
@@ -106,6 +108,35 @@ def wall_times(folder: Path) -> None:
         )
 
 
+def cnn_against_kd(root: Path) -> None:
+    """What Wasserstein + gradient matching add to KD under the same curve, seed by seed."""
+    pairs = {"cnn_default": ("study_kd_long", "gompertz"), "cnn_tuned": ("study_tuned", "tuned")}
+    print("## Gompertz-CNN minus Gompertz KD on the same curve (test top-1 %, last epoch)")
+    for arm, (study, kd_arm) in pairs.items():
+        deltas = []
+        for seed in (0, 1, 2):
+            cnn = json.loads((root / "study_cnn" / f"{arm}_s{seed}" / "results.json").read_text())
+            kd = json.loads((root / study / f"{kd_arm}_s{seed}" / "results.json").read_text())
+            deltas.append(100 * (cnn["test"]["top1"] - kd["test"]["top1"]))
+        print(
+            f"{arm} - {kd_arm}: {', '.join(f'{d:+.2f}' for d in deltas)}; "
+            f"{statistics.mean(deltas):+.2f} ± {statistics.stdev(deltas):.2f}"
+        )
+        with open(root / "study_cnn" / f"{arm}_s0" / "csv" / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        for term in ("ce", "kd", "wd", "gm"):
+            by_epoch: dict[int, list[float]] = {}
+            for r in rows:
+                if r.get(f"train/loss_{term}"):
+                    by_epoch.setdefault(int(r["epoch"]), []).append(float(r[f"train/loss_{term}"]))
+            first, last = (statistics.mean(by_epoch[e]) for e in (min(by_epoch), max(by_epoch)))
+            print(
+                f"{arm}_s0 train/loss_{term} (unweighted, logged steps): "
+                f"epoch {min(by_epoch)} {first:.3f}, epoch {max(by_epoch)} {last:.3f}"
+            )
+    print()
+
+
 def curves() -> None:
     print("## Gompertz curves, w_max 0.9 (t: fraction of training)")
     grid = [i / 1000 for i in range(1001)]
@@ -130,11 +161,13 @@ def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/schedule_study")
     optuna_search(root / "search_gompertz_kd")
     trajectory_search(root / "search_trajectory_kd")
-    for study in ("study_kd_long", "study_dkd", "study_tuned"):
+    for study in ("study_kd_long", "study_dkd", "study_tuned", "study_cnn"):
         if (root / study).is_dir():
             per_seed(root / study)
             mean_weights(root / study)
             wall_times(root / study)
+    if (root / "study_cnn").is_dir():
+        cnn_against_kd(root)
     curves()
 
 
