@@ -2,7 +2,8 @@
 
     python scripts/schedule_study_figures.py [docs/results/schedule_study]
 
-- the Optuna search: every trial (b, c, inflection t* = ln b / c, best val top-1), per batch of 8;
+- the Optuna search: every trial (b, c, inflection t* = ln b / c, the weight at the start and
+  the end of training, best val top-1), per batch of 8;
 - the trajectory-target search: per target, progress at 10 / 25 / 50 % of training, where it
   first reaches 1, its final value and the mean KD weight (logged steps of ``metrics.csv``);
 - per arm of the long populations: test top-1 per seed; (seed 0) the mean of each loss weight
@@ -42,7 +43,11 @@ def optuna_search(folder: Path) -> None:
         for name, r in runs[batch : batch + 8]:
             b, c = r["config"]["schedule"]["b"], r["config"]["schedule"]["c"]
             vals.append(100 * r["best_val_top1"])
-            print(f"{name}: b {b:.2f}, c {c:.2f}, t* {math.log(b) / c:.2f}, val {vals[-1]:.2f}")
+            g = Gompertz(w_max=r["config"]["schedule"]["w_max"], b=b, c=c)
+            print(
+                f"{name}: b {b:.2f}, c {c:.2f}, t* {math.log(b) / c:.2f}, "
+                f"w(0) {g(0.0):.2f}, w(1) {g(1.0):.2f}, val {vals[-1]:.2f}"
+            )
         print(
             f"batch {batch // 8 + 1}: mean {statistics.mean(vals):.2f} ± "
             f"{statistics.stdev(vals):.2f}, {min(vals):.2f}–{max(vals):.2f}\n"
