@@ -197,6 +197,7 @@ def test_population_configs_compose_their_members():
         "study_dkd",
         "study_tuned",
         "study_cnn",
+        "study_dist",
     } <= set(POPULATION_CONFIGS)
     for name in POPULATION_CONFIGS:
         cfg = compose_cfg([f"population={name}"])
