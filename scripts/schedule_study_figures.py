@@ -10,6 +10,7 @@
   and best val top-1; each population's wall time (of its last segment when it was resumed);
 - the Gompertz-CNN arms against KD on the same curve: the paired test top-1 difference per seed,
   and (seed 0) each loss term's mean logged value, unweighted, in the first and the last epoch;
+- every DIST arm against static KD, the paired test top-1 difference per seed;
 - landmarks of the default and the tuned Gompertz curve (w_max 0.9), on 1,001 points.
 """
 
@@ -113,20 +114,31 @@ def wall_times(folder: Path) -> None:
         )
 
 
+def _paired(root: Path, arm: tuple[str, str], baseline: tuple[str, str]) -> list[float]:
+    """Test top-1 % (last epoch) of ``arm`` minus ``baseline``, both (study, member), per seed."""
+    deltas = []
+    for seed in (0, 1, 2):
+        a, b = (
+            json.loads((root / study / f"{name}_s{seed}" / "results.json").read_text())
+            for study, name in (arm, baseline)
+        )
+        deltas.append(100 * (a["test"]["top1"] - b["test"]["top1"]))
+    return deltas
+
+
+def _print_paired(label: str, deltas: list[float]) -> None:
+    print(
+        f"{label}: {', '.join(f'{d:+.2f}' for d in deltas)}; "
+        f"{statistics.mean(deltas):+.2f} ± {statistics.stdev(deltas):.2f}"
+    )
+
+
 def cnn_against_kd(root: Path) -> None:
     """What Wasserstein + gradient matching add to KD under the same curve, seed by seed."""
     pairs = {"cnn_default": ("study_kd_long", "gompertz"), "cnn_tuned": ("study_tuned", "tuned")}
     print("## Gompertz-CNN minus Gompertz KD on the same curve (test top-1 %, last epoch)")
-    for arm, (study, kd_arm) in pairs.items():
-        deltas = []
-        for seed in (0, 1, 2):
-            cnn = json.loads((root / "study_cnn" / f"{arm}_s{seed}" / "results.json").read_text())
-            kd = json.loads((root / study / f"{kd_arm}_s{seed}" / "results.json").read_text())
-            deltas.append(100 * (cnn["test"]["top1"] - kd["test"]["top1"]))
-        print(
-            f"{arm} - {kd_arm}: {', '.join(f'{d:+.2f}' for d in deltas)}; "
-            f"{statistics.mean(deltas):+.2f} ± {statistics.stdev(deltas):.2f}"
-        )
+    for arm, kd in pairs.items():
+        _print_paired(f"{arm} - {kd[1]}", _paired(root, ("study_cnn", arm), kd))
         with open(root / "study_cnn" / f"{arm}_s0" / "csv" / "metrics.csv") as f:
             rows = list(csv.DictReader(f))
         for term in ("ce", "kd", "wd", "gm"):
@@ -139,6 +151,17 @@ def cnn_against_kd(root: Path) -> None:
                 f"{arm}_s0 train/loss_{term} (unweighted, logged steps): "
                 f"epoch {min(by_epoch)} {first:.3f}, epoch {max(by_epoch)} {last:.3f}"
             )
+    print()
+
+
+def dist_against_kd(root: Path) -> None:
+    """Every DIST arm against static KD (another population, same init and data seeds)."""
+    print("## DIST arms minus static KD (study_kd_long), test top-1 %, last epoch")
+    for arm in ("static", "linear", "cosine", "gompertz"):
+        _print_paired(
+            f"dist {arm} - kd static",
+            _paired(root, ("study_dist", arm), ("study_kd_long", "static")),
+        )
     print()
 
 
@@ -173,6 +196,8 @@ def main() -> None:
             wall_times(root / study)
     if (root / "study_cnn").is_dir():
         cnn_against_kd(root)
+    if (root / "study_dist").is_dir():
+        dist_against_kd(root)
     curves()
 
 

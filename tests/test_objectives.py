@@ -59,7 +59,8 @@ def indexed_loader(n=8, num_classes=10, batch_size=4, seed=0) -> DataLoader:
 
 
 def test_every_published_baseline_has_a_method_config():
-    assert set(PUBLISHED) | {"student", "gompertz_cnn", "gkd", "gkd_wd", "gkd_gm"} == set(METHODS)
+    extra = {"student", "gompertz_cnn", "gkd", "gkd_wd", "gkd_gm", "dist_warmup"}
+    assert set(PUBLISHED) | extra == set(METHODS)
     for method, scales in PUBLISHED.items():
         objective = objective_of(method)
         assert objective.scales == scales, method
@@ -163,6 +164,15 @@ def test_every_term_follows_any_schedule(schedule):
             scale * shape(2 / 3), rel=1e-6
         ), name
         assert torch.isfinite(trainer.logged_metrics[f"train/loss_{name}"]), name
+
+
+def test_dist_warmup_is_dist_with_the_schedule_studys_linear_warmup():
+    warm = compose_cfg(["method=dist_warmup"]).method
+    assert warm == compose_cfg(["method=dist", "method.terms.dist.schedule=linear"]).method
+    objective = objective_of("dist_warmup")
+    weights = [objective.weights_at(p)["dist_weight"] for p in (0.0, 0.05, 0.1, 0.5, 1.0)]
+    assert weights == pytest.approx([0.0, 0.5, 1.0, 1.0, 1.0])  # DIST's full scale after 10 %
+    assert objective_of("dist").weights_at(0.0)["dist_weight"] == 1.0  # the published recipe
 
 
 def test_shared_schedule_is_the_runs_schedule_group():
