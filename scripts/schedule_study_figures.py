@@ -133,24 +133,29 @@ def _print_paired(label: str, deltas: list[float]) -> None:
     )
 
 
+def _term_epochs(run_dir: Path, terms: tuple[str, ...]) -> None:
+    """Each unweighted loss term's mean over the logged steps of the first and the last epoch."""
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    for term in terms:
+        by_epoch: dict[int, list[float]] = {}
+        for r in rows:
+            if r.get(f"train/loss_{term}"):
+                by_epoch.setdefault(int(r["epoch"]), []).append(float(r[f"train/loss_{term}"]))
+        first, last = (statistics.mean(by_epoch[e]) for e in (min(by_epoch), max(by_epoch)))
+        print(
+            f"{run_dir.name} train/loss_{term} (unweighted, logged steps): "
+            f"epoch {min(by_epoch)} {first:.3f}, epoch {max(by_epoch)} {last:.3f}"
+        )
+
+
 def cnn_against_kd(root: Path) -> None:
     """What Wasserstein + gradient matching add to KD under the same curve, seed by seed."""
     pairs = {"cnn_default": ("study_kd_long", "gompertz"), "cnn_tuned": ("study_tuned", "tuned")}
     print("## Gompertz-CNN minus Gompertz KD on the same curve (test top-1 %, last epoch)")
     for arm, kd in pairs.items():
         _print_paired(f"{arm} - {kd[1]}", _paired(root, ("study_cnn", arm), kd))
-        with open(root / "study_cnn" / f"{arm}_s0" / "csv" / "metrics.csv") as f:
-            rows = list(csv.DictReader(f))
-        for term in ("ce", "kd", "wd", "gm"):
-            by_epoch: dict[int, list[float]] = {}
-            for r in rows:
-                if r.get(f"train/loss_{term}"):
-                    by_epoch.setdefault(int(r["epoch"]), []).append(float(r[f"train/loss_{term}"]))
-            first, last = (statistics.mean(by_epoch[e]) for e in (min(by_epoch), max(by_epoch)))
-            print(
-                f"{arm}_s0 train/loss_{term} (unweighted, logged steps): "
-                f"epoch {min(by_epoch)} {first:.3f}, epoch {max(by_epoch)} {last:.3f}"
-            )
+        _term_epochs(root / "study_cnn" / f"{arm}_s0", ("ce", "kd", "wd", "gm"))
     print()
 
 
@@ -177,7 +182,8 @@ def curves() -> None:
         }
         print(
             f"b {b}, c {c}: w(0) {w[0]:.3f}, w(1) {w[-1]:.3f}, reaches 0.01 / 0.5 / 0.85 at "
-            f"{first[0.01]:.3f} / {first[0.5]:.3f} / {first[0.85]:.3f}, mean {statistics.mean(w):.2f}"
+            f"{first[0.01]:.3f} / {first[0.5]:.3f} / {first[0.85]:.3f}, mean {statistics.mean(w):.2f}, "
+            f"half its peak at {next(t for t, v in zip(grid, w, strict=True) if v >= 0.45):.3f}"
         )
     default = Gompertz(w_max=0.9, b=10.0, c=6.0)
     print(
