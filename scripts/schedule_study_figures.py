@@ -195,7 +195,14 @@ def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/schedule_study")
     optuna_search(root / "search_gompertz_kd")
     trajectory_search(root / "search_trajectory_kd")
-    for study in ("study_kd_long", "study_dkd", "study_tuned", "study_cnn", "study_dist"):
+    for study in (
+        "study_kd_long",
+        "study_dkd",
+        "study_tuned",
+        "study_cnn",
+        "study_dist",
+        "dist_data_seed1",
+    ):
         if (root / study).is_dir():
             per_seed(root / study)
             mean_weights(root / study)
