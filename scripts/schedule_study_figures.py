@@ -178,12 +178,12 @@ def curves() -> None:
         w = [g(t) for t in grid]
         first = {
             level: next(t for t, v in zip(grid, w, strict=True) if v >= level)
-            for level in (0.01, 0.5, 0.85)
+            for level in (0.01, g.w_max / 2, 0.5, 0.85)
         }
         print(
             f"b {b}, c {c}: w(0) {w[0]:.3f}, w(1) {w[-1]:.3f}, reaches 0.01 / 0.5 / 0.85 at "
             f"{first[0.01]:.3f} / {first[0.5]:.3f} / {first[0.85]:.3f}, mean {statistics.mean(w):.2f}, "
-            f"half its peak at {next(t for t, v in zip(grid, w, strict=True) if v >= 0.45):.3f}"
+            f"half its peak at {first[g.w_max / 2]:.3f}"
         )
     default = Gompertz(w_max=0.9, b=10.0, c=6.0)
     print(
