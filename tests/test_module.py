@@ -436,11 +436,82 @@ def test_compile_keeps_the_student_eager_under_gradient_matching():
         ({"gm_precision": "bf16"}, "gm_precision"),
         ({"gm_every": 0}, "gm_every"),
         ({"gm_every": 1.5}, "gm_every"),
+        ({"gm_fraction": 0}, "gm_fraction"),
+        ({"gm_fraction": 1.5}, "gm_fraction"),
+        ({"gm_fraction": True}, "gm_fraction"),
     ],
 )
 def test_bad_cost_options_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         small_module(**kwargs)
+
+
+def _hand_subset_gm(module: DistillationModule, images, targets, rows: int) -> torch.Tensor:
+    """The gradient-matching term on the first ``rows`` images, built by hand: the student's
+    train-mode forward over those images alone (on a copy, so its statistics stay put), the
+    teacher's input gradient on the same images."""
+    student = copy.deepcopy(module.student)
+    x = module._format(images[:rows]).detach().requires_grad_(True)
+    g_s = losses.true_class_input_gradient(student(x), x, targets[:rows], create_graph=True)
+    t = module._format(images[:rows]).detach().requires_grad_(True)
+    g_t = losses.true_class_input_gradient(
+        module.teacher(t), t, targets[:rows], create_graph=False
+    )
+    return losses.gradient_matching_loss(g_s, g_t)
+
+
+def test_gm_fraction_matches_the_term_on_the_first_rows_by_hand():
+    module = small_module(gm_scale=1.0, wd_scale=1.0, gm_fraction=0.25)
+    module.train()
+    images, targets = batch(n=16)
+    assert module.gm_rows(16) == 4 and module.gm_rows(2) == 1 and module.gm_rows(1) == 1
+    expected = _hand_subset_gm(module, images, targets, 4)
+    exact = small_module(gm_scale=1.0, wd_scale=1.0)
+    exact.load_state_dict(module.state_dict())
+    exact.train()
+    _, full_terms, _ = exact.compute_losses(images, targets)
+    statistics = [b.clone() for b in exact.student.buffers()]
+    _, terms, _ = module.compute_losses(images, targets)
+    torch.testing.assert_close(terms["loss_gm"], expected, rtol=1e-5, atol=1e-6)
+    # every other term still sees the whole batch, as without the option
+    for name in ("loss_ce", "loss_kd", "loss_wd"):
+        torch.testing.assert_close(terms[name], full_terms[name], rtol=1e-5, atol=1e-6)
+    # the second pass leaves BatchNorm's running statistics as the full-batch pass set them
+    for ours, theirs in zip(module.student.buffers(), statistics, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    module.weighted_total(terms).backward()
+    assert all(p.grad is None for p in module.teacher.parameters())
+    assert all(p.grad is not None for p in module.student.parameters())
+
+
+def test_gm_fraction_averaged_over_a_partition_of_the_batch_is_the_whole_batch_term():
+    # With the student in eval mode its images do not interact, so the subset estimate is
+    # exactly unbiased: over the four quarters of a batch it averages to the full-batch term.
+    module = small_module(gm_scale=1.0, gm_fraction=0.25).eval()
+    exact = small_module(gm_scale=1.0).eval()
+    exact.load_state_dict(module.state_dict())
+    images, targets = batch(n=16)
+    _, full, _ = exact.compute_losses(images, targets)
+    quarters = []
+    for q in range(4):
+        order = torch.roll(torch.arange(16), -4 * q)
+        quarters.append(module.compute_losses(images[order], targets[order])[1]["loss_gm"])
+    torch.testing.assert_close(torch.stack(quarters).mean(), full["loss_gm"], rtol=1e-5, atol=1e-6)
+
+
+def test_gm_fraction_shares_one_teacher_pass_shape_with_populations():
+    module = small_module(gm_scale=1.0, gm_fraction=0.5)
+    images, targets = batch(n=8)
+    out, grad = module.teacher_forward(module._format(images), targets, input_gradient=True)
+    assert out.logits.shape == (8, 10) and grad.shape == (4, 3, 32, 32)
+    assert out.logits.grad_fn is None and not grad.requires_grad
+
+
+def test_a_teacher_on_another_device_fails_with_the_reason():
+    module = small_module()
+    images = torch.empty(2, 3, 32, 32, device="meta")
+    with pytest.raises(RuntimeError, match=r"teacher's weights are on cpu but the batch is on meta"):
+        module.teacher_forward(images)
 
 
 @pytest.mark.gpu

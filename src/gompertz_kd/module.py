@@ -15,6 +15,7 @@ batch and calls :meth:`DistillationModule.set_progress`.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -107,6 +108,13 @@ class DistillationModule(L.LightningModule):
             the student's second-order gradient in bf16 is far from the fp32 one (cosine 0.23 in
             ``docs/benchmarks.md``). On fp32 runs it changes nothing. ``None`` runs them in the
             trainer's precision.
+        gm_fraction: compute the input-gradient terms on the first ``round(gm_fraction * N)``
+            images of each batch only (at least one). Batches are shuffled, so this is an
+            unbiased estimate of the batch mean of the per-image term; the student's forward for
+            it is a second pass over those images (BatchNorm in train mode takes that subset's
+            statistics; the running statistics are left as the full-batch pass set them), and the
+            teacher's input-gradient pass and the student's double backward shrink with it. ``1``
+            (default) is the paper's objective: one pass, every image.
         nonfinite: what a NaN or infinite loss does: ``"stop"`` raises
             :class:`NonFiniteLossError` naming the term, the step and the last checkpoint;
             ``"skip"`` skips the batch (no update) and counts it in ``train/skipped_batches``.
@@ -139,6 +147,7 @@ class DistillationModule(L.LightningModule):
         fold_teacher_bn: bool = True,
         gm_every: int = 1,
         gm_precision: str | int | None = "32",
+        gm_fraction: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -168,6 +177,15 @@ class DistillationModule(L.LightningModule):
             )
         if isinstance(gm_every, bool) or not isinstance(gm_every, int) or gm_every < 1:
             raise ValueError(f"gm_every must be an integer >= 1, got gm_every={gm_every!r}")
+        if (
+            isinstance(gm_fraction, bool)
+            or not isinstance(gm_fraction, int | float)
+            or not (0 < gm_fraction <= 1)
+        ):
+            raise ValueError(
+                f"gm_fraction must be a number in (0, 1] (1: every image of the batch), got "
+                f"gm_fraction={gm_fraction!r}"
+            )
         if objective is None:
             objective = gompertz_cnn() if teacher is not None else Objective()
         if not isinstance(objective, Objective):
@@ -185,6 +203,7 @@ class DistillationModule(L.LightningModule):
         self.fold_teacher_bn = fold_teacher_bn
         self.gm_every = gm_every
         self.gm_precision = gm_precision
+        self.gm_fraction = float(gm_fraction)
         # (watched teacher tensors, their fingerprint, the callable the teacher's forward runs
         # through); a plain tuple, so neither state_dict nor .to() sees it. See _teacher_runner.
         self._teacher_cache: tuple[tuple, tuple, Callable[[Tensor], StageOutput]] | None = None
@@ -283,12 +302,15 @@ class DistillationModule(L.LightningModule):
         images = self._format(images)
         due = self.due_terms(step)
         input_grad = any(name in self._lazy_terms for name in due)
-        if input_grad:
+        # gm_fraction < 1: the input-gradient terms get their own pass over a subset; the full
+        # batch's forward is then a plain one.
+        subset = input_grad and self.gm_fraction < 1
+        if input_grad and not subset:
             images = images.detach().requires_grad_(True)
         # The student's forward and its input gradient (create_graph: its ops dispatch through
         # autocast too) run in gm_precision on the steps an input-gradient term is due.
         gm_precision = self.gm_precision if input_grad else None
-        with self._precision(images, gm_precision):
+        with self._precision(images, None if subset else gm_precision):
             student_out = self.student.forward_stages(images)
         terms = {"loss_ce": F.cross_entropy(student_out.logits, targets)}
         if not due:
@@ -319,11 +341,48 @@ class DistillationModule(L.LightningModule):
             progress=self.progress,
             step=step,
         )
+        lazy_batch = batch
+        if subset:
+            lazy_batch = self._gm_subset_step(batch, gm_precision)
         for name in due:
             lazy = name in self._lazy_terms
             with self._precision(images, gm_precision if lazy else None):
-                terms[f"loss_{name}"] = self.objective.terms[name](batch)
+                terms[f"loss_{name}"] = self.objective.terms[name](lazy_batch if lazy else batch)
         return student_out.logits, terms, teacher_out.logits
+
+    def gm_rows(self, batch_size: int) -> int:
+        """How many images of a batch of ``batch_size`` the input-gradient terms see: the first
+        ``round(gm_fraction * batch_size)``, at least one."""
+        if self.gm_fraction >= 1:
+            return batch_size
+        return max(1, min(batch_size, math.floor(self.gm_fraction * batch_size + 0.5)))
+
+    def _gm_subset_step(self, batch: Step, gm_precision: str | None) -> Step:
+        """The :class:`Step` the input-gradient terms see under ``gm_fraction < 1``: the
+        student's second forward over the first :meth:`gm_rows` images (with autograd on them),
+        the teacher's outputs and input gradient on the same rows. The second pass runs on
+        copies of the student's buffers, so BatchNorm's running statistics move once per step,
+        as without it."""
+        rows = self.gm_rows(batch.targets.shape[0])
+        images = batch.images[:rows].detach().requires_grad_(True)
+        buffers = {f"model.{n}": b.clone() for n, b in self.student.named_buffers()}
+        with self._precision(images, gm_precision):
+            student = torch.func.functional_call(_ForwardStages(self.student), buffers, (images,))
+        teacher = batch.teacher
+        return Step(
+            student=student,
+            teacher=StageOutput(
+                logits=teacher.logits[:rows],
+                features=[f[:rows] for f in teacher.features],
+                pooled=teacher.pooled[:rows],
+            ),
+            images=images,
+            targets=batch.targets[:rows],
+            indices=None if batch.indices is None else batch.indices[:rows],
+            teacher_input_grad=batch.teacher_input_grad,
+            progress=batch.progress,
+            step=batch.step,
+        )
 
     def due_terms(self, step: int | None) -> list[str]:
         """The terms computed at training step ``step`` (``None``: every term): all but the
@@ -349,29 +408,39 @@ class DistillationModule(L.LightningModule):
 
         Returns:
             ``(StageOutput, input_grad)``: detached teacher outputs (fp32 when the teacher ran in
-            bf16) and ``(N, 3, H, W)`` or ``None``. Without ``input_gradient`` no autograd state
-            is kept at all.
+            bf16) and ``(N, 3, H, W)`` or ``None``; under ``gm_fraction < 1`` the input gradient
+            covers the first :meth:`gm_rows` images only (a second pass over them), and the
+            outputs come from a pass without autograd in ``teacher_precision``. Without
+            ``input_gradient`` no autograd state is kept at all.
+
+        Raises:
+            RuntimeError: the teacher's weights are on another device than ``images``.
         """
         if self.teacher is None:
             raise RuntimeError("this module has no teacher")
-        run = self._teacher_runner()
+        run = self._teacher_runner(images.device)
         precision = self.teacher_precision
-        if input_gradient and self.gm_precision is not None:
-            precision = self.gm_precision
-        if not input_gradient:
+        grad_precision = self.gm_precision if self.gm_precision is not None else precision
+        rows = images.shape[0] if not input_gradient else self.gm_rows(images.shape[0])
+        if not input_gradient or rows < images.shape[0]:
             with torch.no_grad(), self._precision(images, precision):
-                return self._teacher_output(run(images), precision), None
+                out = self._teacher_output(run(images), precision)
+            if not input_gradient:
+                return out, None
         if targets is None:
             raise ValueError("input_gradient=True needs the targets")
         # Only the input needs a gradient: the teacher's parameters are frozen, so autograd keeps
         # just what the backward to the image needs, and nothing reaches the student's graph.
-        teacher_input = images.detach().requires_grad_(True)
-        with torch.enable_grad(), self._precision(images, precision):
-            out = run(teacher_input)
+        teacher_input = images[:rows].detach().requires_grad_(True)
+        with torch.enable_grad(), self._precision(images, grad_precision):
+            grad_out = run(teacher_input)
             grad = losses.true_class_input_gradient(
-                out.logits.float(), teacher_input, targets, create_graph=False
+                grad_out.logits.float(), teacher_input, targets[:rows], create_graph=False
             )
-        return self._teacher_output(out, precision), grad
+        if rows < images.shape[0]:
+            return out, grad
+        # one pass serves every term: its outputs are the teacher's outputs of this step
+        return self._teacher_output(grad_out, grad_precision), grad
 
     @staticmethod
     def _teacher_output(out: StageOutput, precision: str | None) -> StageOutput:
@@ -389,11 +458,28 @@ class DistillationModule(L.LightningModule):
             return contextlib.nullcontext()
         return torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    def _teacher_runner(self) -> Callable[[Tensor], StageOutput]:
+    def _teacher_runner(
+        self, device: torch.device | None = None
+    ) -> Callable[[Tensor], StageOutput]:
         """The teacher's ``forward_stages``, through the BatchNorm-folded copy if asked and
         compiled if :meth:`compile_networks` was called. Rebuilt when the teacher is replaced,
         moved, cast or loaded with other weights (seen on its first and last parameter and
-        buffer: storage, version counter, dtype), a check of a few microseconds per step."""
+        buffer: storage, version counter, dtype), a check of a few microseconds per step.
+
+        ``device``: where the batch is. A teacher left on another device fails here with the
+        reason rather than inside its first convolution (under CUDA autocast a CPU weight is not
+        cast, and the error names a bf16 input against a float bias). The usual cause: the
+        teacher is shared with another LightningModule that a ``Trainer`` fitted, and Lightning
+        moves the module it fitted to the CPU when ``fit`` ends."""
+        if device is not None:
+            where = next(self.teacher.parameters()).device
+            if where != device:
+                raise RuntimeError(
+                    f"the teacher's weights are on {where} but the batch is on {device}: move "
+                    f"the module to the batch's device (module.to({str(device)!r})). A teacher "
+                    "shared with another module is moved with it, and Lightning moves a module "
+                    "to the CPU when Trainer.fit ends"
+                )
         cache = self._teacher_cache
         if cache is not None and _fingerprint(self.teacher, cache[0]) == cache[1]:
             return cache[2]

@@ -92,6 +92,7 @@ _SHARED_OPTIONS = (
     "teacher_precision",
     "gm_precision",
     "gm_every",
+    "gm_fraction",
     "channels_last",
 )
 _OPTIMIZER_OPTIONS = ("lr", "momentum", "weight_decay", "lr_milestones", "lr_gamma")
