@@ -4,7 +4,7 @@ estimate of the gradient-matching gradient against the exact double backward."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -90,9 +90,12 @@ def accuracy_section(setup: Setup, fd_steps: Sequence[float]) -> list[tuple[str,
             ),
         ]
 
-    def gm_gradient(module: DistillationModule, autocast: bool) -> Tensor:
+    def gm_gradient(
+        module: DistillationModule, autocast: bool, order: Tensor | None = None
+    ) -> Tensor:
+        x, y = (images, targets) if order is None else (images[order], targets[order])
         with torch.autocast(setup.device.type, dtype=torch.bfloat16, enabled=autocast):
-            _, terms, _ = module.compute_losses(images, targets)
+            _, terms, _ = module.compute_losses(x, y)
         grads = torch.autograd.grad(terms["loss_gm"], list(module.student.parameters()))
         return torch.cat([g.flatten() for g in grads])
 
@@ -114,6 +117,7 @@ def accuracy_section(setup: Setup, fd_steps: Sequence[float]) -> list[tuple[str,
                 f"{_relative(exact_fp32_gm, reference):.1e}",
             ),
         ]
+    rows += gm_fraction_rows(setup, gm_gradient, reference, images.shape[0])
     student, params = exact.student, list(exact.student.parameters())
     for step in fd_steps:
         x = images.detach().requires_grad_(True)
@@ -127,6 +131,45 @@ def accuracy_section(setup: Setup, fd_steps: Sequence[float]) -> list[tuple[str,
             )
         )
     return rows
+
+
+def gm_fraction_rows(
+    setup: Setup, gm_gradient: Callable[..., Tensor], reference: Tensor, batch: int
+) -> list[tuple[str, str]]:
+    """How far gradient matching on ``setup.gm_fraction`` of the batch is from the term on every
+    image: the student gradient of ``loss_gm`` from the first rows (one step's estimate) and the
+    mean of those estimates over the batch's disjoint parts (what is left once the sampling
+    noise averages out: BatchNorm's statistics over a part instead of the batch)."""
+    f = setup.gm_fraction
+    module = setup.module(
+        wd_scale=1.0, gm_scale=1.0, gm_every=1, teacher_precision="32", gm_precision=None,
+        gm_fraction=f,
+    )  # fmt: skip
+    rows_per_part = module.gm_rows(batch)
+    one = gm_gradient(module, autocast=False)
+    out = [
+        (
+            f"gradient matching on {f:g} of the batch ({rows_per_part} of {batch} images) against "
+            "every image: student gradient of loss_gm, cosine / relative L2 error",
+            f"{_cosine(one, reference):.4f} / {_relative(one, reference):.1e}",
+        )
+    ]
+    if batch % rows_per_part == 0 and batch // rows_per_part > 1:
+        parts = batch // rows_per_part
+        mean = (
+            sum(
+                gm_gradient(module, False, torch.roll(torch.arange(batch), -p * rows_per_part))
+                for p in range(parts)
+            )
+            / parts
+        )
+        out.append(
+            (
+                f"the same averaged over the batch's {parts} disjoint parts",
+                f"{_cosine(mean, reference):.4f} / {_relative(mean, reference):.1e}",
+            )
+        )
+    return out
 
 
 def finite_difference_gm(

@@ -51,7 +51,7 @@ def steps_section(
     memory: list[tuple[Result, Callable[[], Any]]],
 ) -> dict[str, Result]:
     """Every step variant of the issue, plus the options that change their cost."""
-    dev, batch, k = setup.device, setup.batch, setup.gm_every
+    dev, batch, k, f = setup.device, setup.batch, setup.gm_every, setup.gm_fraction
     images, targets = setup.fixed_batch()
     student_only = setup.module(teacher=None)
     student_loop = PlainLoop(setup, student_only)
@@ -162,6 +162,11 @@ def steps_section(
         ),
         loop_case(CaseName.gm_every(k), k, gm_scale=1.0, gm_every=k),
         loop_case(CaseName.full_every(k), k, wd_scale=1.0, gm_scale=1.0, gm_every=k),
+        loop_case(CaseName.gm_fraction(f), gm_scale=1.0, gm_fraction=f, **exact),
+        loop_case(CaseName.full_fraction(f), wd_scale=1.0, gm_scale=1.0, gm_fraction=f, **exact),
+        loop_case(
+            CaseName.full_fraction(f, 2), 2, wd_scale=1.0, gm_scale=1.0, gm_fraction=f, gm_every=2
+        ),
     ]
     if setup.precision == "32-true":
         cases += [
@@ -205,8 +210,11 @@ def steps_section(
         CaseName.WD_ALONE,
         CaseName.PLUS_GM,
         CaseName.gm_every(k),
+        CaseName.gm_fraction(f),
         CaseName.FULL,
         CaseName.full_every(k),
+        CaseName.full_fraction(f),
+        CaseName.full_fraction(f, 2),
     ]
     cases.sort(key=lambda c: first.index(c.name) if c.name in first else len(first))
     results = run_round_robin(cases, repeats, warmup, setup.deadline)
@@ -247,7 +255,9 @@ def _torch_var_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
     return flat.mean(dim=2), torch.sqrt(flat.var(dim=2, unbiased=False) + 1e-6)
 
 
-def ratios(results: dict[str, Result], k: int) -> dict[str, tuple[float, float, float]]:
+def ratios(
+    results: dict[str, Result], k: int, f: float = 0.25
+) -> dict[str, tuple[float, float, float]]:
     """The ratios the targets are stated in, per round, as ``(median, min, max)``."""
 
     def per_round(fn: Callable[[int], float]) -> tuple[float, float, float]:
@@ -280,6 +290,9 @@ def ratios(results: dict[str, Result], k: int) -> dict[str, tuple[float, float, 
         CaseName.FULL,
         CaseName.full_every(k),
         CaseName.full_every(k, bf16_teacher=True),
+        CaseName.gm_fraction(f),
+        CaseName.full_fraction(f),
+        CaseName.full_fraction(f, 2),
     ):
         if name in results:
             out[RatioName.per_kd_step(name)] = per_round(
