@@ -449,6 +449,9 @@ class DistillationModule(L.LightningModule):
             logits=_detached(out.logits, to_fp32),
             features=[_detached(f, to_fp32) for f in out.features],
             pooled=_detached(out.pooled, to_fp32),
+            preact_features=None
+            if out.preact_features is None
+            else [_detached(f, to_fp32) for f in out.preact_features],
         )
 
     @staticmethod

@@ -31,6 +31,16 @@ Features and embeddings (:mod:`.features`, :mod:`.contrastive`)
 - CRD (Tian et al., ICLR 2020): :func:`crd_nce_loss`, :class:`ContrastMemory`, :class:`Embed`.
 - ReviewKD (Chen et al., CVPR 2021): :func:`hcl_loss`, :class:`ReviewFusion`.
 
+Relations inside a batch or a map (:mod:`.relations`), regressed teacher maps (:mod:`.regression`)
+
+- SP (Tung & Mori, ICCV 2019): :func:`sp_loss`.
+- PKT (Passalis & Tefas, ECCV 2018): :func:`pkt_loss`.
+- NST (Huang & Wang, 2017): :func:`nst_loss`.
+- KDSVD (Lee et al., ECCV 2018): :func:`kdsvd_loss`, :func:`truncated_svd`,
+  :func:`align_singular_vectors`.
+- VID (Ahn et al., CVPR 2019): :func:`vid_loss`, :class:`VIDRegressor`.
+- OFD (Heo et al., ICCV 2019): :func:`ofd_loss`, :func:`ofd_margin`, :class:`OFDConnector`.
+
 Gompertz-CNN's own terms (:mod:`.wasserstein`, :mod:`.gradients`)
 
 - :func:`gaussian_wasserstein_loss` / :func:`sliced_wasserstein_loss` (with
@@ -62,6 +72,21 @@ from gompertz_kd.losses.logits import (
     reverse_gradient,
     standardize_logits,
 )
+from gompertz_kd.losses.regression import (
+    OFDConnector,
+    VIDRegressor,
+    ofd_loss,
+    ofd_margin,
+    vid_loss,
+)
+from gompertz_kd.losses.relations import (
+    align_singular_vectors,
+    kdsvd_loss,
+    nst_loss,
+    pkt_loss,
+    sp_loss,
+    truncated_svd,
+)
 from gompertz_kd.losses.wasserstein import (
     FeatureProjector,
     WassersteinFeatureLoss,
@@ -80,8 +105,11 @@ __all__ = [
     "FeatureProjector",
     "HintRegressor",
     "LearnableTemperature",
+    "OFDConnector",
     "ReviewFusion",
+    "VIDRegressor",
     "WassersteinFeatureLoss",
+    "align_singular_vectors",
     "at_loss",
     "channel_gaussian_stats",
     "check_feature_options",
@@ -94,13 +122,21 @@ __all__ = [
     "gradient_matching_loss",
     "hcl_loss",
     "kd_loss",
+    "kdsvd_loss",
     "match_spatial",
+    "nst_loss",
+    "ofd_loss",
+    "ofd_margin",
     "pearson_correlation",
+    "pkt_loss",
     "reverse_gradient",
     "rkd_loss",
     "sliced_wasserstein_loss",
+    "sp_loss",
     "standardize_logits",
     "true_class_input_gradient",
+    "truncated_svd",
+    "vid_loss",
     "wkd_cost_matrix",
     "wkd_logit_loss",
     "wkd_target_loss",

@@ -71,7 +71,8 @@ class MobileNetV2(StagedClassifier):
     `forward_stages` features (32x32 input, T=6, width 0.5): stem (16, 16, 16) post-ReLU, then the
     outputs of blocks 1, 2, 4 and 6: (12, 16, 16), (16, 8, 8), (48, 4, 4), (160, 2, 2). Those four
     are linear-bottleneck outputs (no ReLU), exactly what the zoo returns. pooled (N, 1280) is
-    after `conv2`'s ReLU.
+    after `conv2`'s ReLU. The pre-activation maps are the same tensors: no ReLU follows a
+    linear bottleneck.
     """
 
     def __init__(self, num_classes: int, expansion: int = 6, width_mult: float = 0.5) -> None:
@@ -107,14 +108,19 @@ class MobileNetV2(StagedClassifier):
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
-    def forward_stage_maps(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        """(N, 3, 32, 32) -> ([stem, block1, block2, block4, block6] maps, conv2 map (N, 1280, 2, 2))."""
+    def preact_batchnorms(self) -> list[nn.BatchNorm2d]:
+        return [self.blocks[i][-1].conv[-1] for i in (1, 2, 4, 6)]
+
+    def forward_stage_maps(self, x: Tensor) -> tuple[list[Tensor], Tensor, list[Tensor]]:
+        """(N, 3, 32, 32) -> ([stem, block1, block2, block4, block6] maps, conv2 map
+        (N, 1280, 2, 2), the same maps as pre-activation maps)."""
         f0 = self.conv1(x)
         f1 = self.blocks[1](self.blocks[0](f0))
         f2 = self.blocks[2](f1)
         f3 = self.blocks[4](self.blocks[3](f2))
         f4 = self.blocks[6](self.blocks[5](f3))
-        return [f0, f1, f2, f3, f4], self.conv2(f4)
+        features = [f0, f1, f2, f3, f4]
+        return features, self.conv2(f4), list(features)
 
 
 def mobilenetv2_half(num_classes: int) -> MobileNetV2:

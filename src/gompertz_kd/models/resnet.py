@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gompertz_kd.models.output import StagedClassifier
+from gompertz_kd.models.output import StagedClassifier, run_stage
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -34,12 +34,16 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
-    def forward(self, x: Tensor) -> Tensor:
+    def preact(self, x: Tensor) -> Tensor:
+        """The block's output before its final ReLU: ``bn2(...) + shortcut(x)``."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         shortcut = x if self.downsample is None else self.downsample(x)
+        return out + shortcut
+
+    def forward(self, x: Tensor) -> Tensor:
         # Not in place: x may be a stage feature the caller keeps.
-        return F.relu(out + shortcut)
+        return F.relu(self.preact(x))
 
 
 class CifarResNet(StagedClassifier):
@@ -51,7 +55,8 @@ class CifarResNet(StagedClassifier):
         num_classes: K.
 
     `forward_stages` features (32x32 input): stem (C0, 32, 32), stage1 (C1, 32, 32),
-    stage2 (C2, 16, 16), stage3 (C3, 8, 8), all post-ReLU; pooled (N, C3).
+    stage2 (C2, 16, 16), stage3 (C3, 8, 8), all post-ReLU; pooled (N, C3). Pre-activation maps:
+    the stem's, then each stage's last block before its final ReLU.
     """
 
     def __init__(
@@ -94,13 +99,17 @@ class CifarResNet(StagedClassifier):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def forward_stage_maps(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        """(N, 3, 32, 32) -> ([stem, stage1, stage2, stage3] maps, stage3 map (N, C3, 8, 8))."""
+    def preact_batchnorms(self) -> list[nn.BatchNorm2d]:
+        return [self.layer1[-1].bn2, self.layer2[-1].bn2, self.layer3[-1].bn2]
+
+    def forward_stage_maps(self, x: Tensor) -> tuple[list[Tensor], Tensor, list[Tensor]]:
+        """(N, 3, 32, 32) -> ([stem, stage1, stage2, stage3] maps, stage3 map (N, C3, 8, 8),
+        pre-activation maps)."""
         f0 = self.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(f0)
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        return [f0, f1, f2, f3], f3
+        f1, p1 = run_stage(self.layer1, f0)
+        f2, p2 = run_stage(self.layer2, f1)
+        f3, p3 = run_stage(self.layer3, f2)
+        return [f0, f1, f2, f3], f3, [f0, p1, p2, p3]
 
 
 _NARROW = (16, 16, 32, 64)

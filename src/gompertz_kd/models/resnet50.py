@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gompertz_kd.models.output import StagedClassifier
+from gompertz_kd.models.output import StagedClassifier, run_stage
 
 
 class Bottleneck(nn.Module):
@@ -37,11 +37,15 @@ class Bottleneck(nn.Module):
                 nn.BatchNorm2d(out_planes),
             )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def preact(self, x: Tensor) -> Tensor:
+        """The block's output before its final ReLU: ``bn3(...) + shortcut(x)``."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+        return out + self.shortcut(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.preact(x))
 
 
 class BottleneckResNet(StagedClassifier):
@@ -53,7 +57,8 @@ class BottleneckResNet(StagedClassifier):
 
     `forward_stages` features (32x32 input): stem (64, 32, 32), stage1 (256, 32, 32),
     stage2 (512, 16, 16), stage3 (1024, 8, 8), stage4 (2048, 4, 4), all post-ReLU;
-    pooled (N, 2048).
+    pooled (N, 2048). Pre-activation maps: the stem's, then each stage's last block before its
+    final ReLU.
     """
 
     def __init__(self, num_blocks: tuple[int, int, int, int], num_classes: int) -> None:
@@ -86,14 +91,18 @@ class BottleneckResNet(StagedClassifier):
     def get_classifier(self) -> nn.Module:
         return self.linear
 
-    def forward_stage_maps(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        """(N, 3, 32, 32) -> ([stem, stage1..stage4] maps, stage4 map (N, 2048, 4, 4))."""
+    def preact_batchnorms(self) -> list[nn.BatchNorm2d]:
+        return [layer[-1].bn3 for layer in (self.layer1, self.layer2, self.layer3, self.layer4)]
+
+    def forward_stage_maps(self, x: Tensor) -> tuple[list[Tensor], Tensor, list[Tensor]]:
+        """(N, 3, 32, 32) -> ([stem, stage1..stage4] maps, stage4 map (N, 2048, 4, 4),
+        pre-activation maps)."""
         f0 = F.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(f0)
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        f4 = self.layer4(f3)
-        return [f0, f1, f2, f3, f4], f4
+        f1, p1 = run_stage(self.layer1, f0)
+        f2, p2 = run_stage(self.layer2, f1)
+        f3, p3 = run_stage(self.layer3, f2)
+        f4, p4 = run_stage(self.layer4, f3)
+        return [f0, f1, f2, f3, f4], f4, [f0, p1, p2, p3, p4]
 
 
 def resnet50(num_classes: int) -> BottleneckResNet:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gompertz_kd.models.output import StagedClassifier
+from gompertz_kd.models.output import StagedClassifier, run_stage
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
@@ -42,14 +42,17 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(out_planes)
         self.shortcut = nn.AvgPool2d(3, stride=2, padding=1) if stride == 2 else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def preact(self, x: Tensor) -> Tensor:
+        """The block's output before its final ReLU."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = channel_shuffle(out, self.first_groups)
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         shortcut = self.shortcut(x)
-        out = torch.cat([out, shortcut], 1) if self.stride == 2 else out + shortcut
-        return F.relu(out)
+        return torch.cat([out, shortcut], 1) if self.stride == 2 else out + shortcut
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.preact(x))
 
 
 class ShuffleNetV1(StagedClassifier):
@@ -62,7 +65,8 @@ class ShuffleNetV1(StagedClassifier):
         num_classes: K.
 
     `forward_stages` features (32x32 input), post-ReLU: stem (24, 32, 32), stages (240, 16, 16),
-    (480, 8, 8), (960, 4, 4); pooled (N, 960).
+    (480, 8, 8), (960, 4, 4); pooled (N, 960). Pre-activation maps: the stem's, then each
+    stage's last block before its final ReLU.
     """
 
     def __init__(
@@ -96,13 +100,17 @@ class ShuffleNetV1(StagedClassifier):
     def get_classifier(self) -> nn.Module:
         return self.linear
 
-    def forward_stage_maps(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        """(N, 3, 32, 32) -> ([stem, stage1..stage3] maps, stage3 map (N, 960, 4, 4))."""
+    def preact_batchnorms(self) -> list[nn.BatchNorm2d]:
+        return [self.layer1[-1].bn3, self.layer2[-1].bn3, self.layer3[-1].bn3]
+
+    def forward_stage_maps(self, x: Tensor) -> tuple[list[Tensor], Tensor, list[Tensor]]:
+        """(N, 3, 32, 32) -> ([stem, stage1..stage3] maps, stage3 map (N, 960, 4, 4),
+        pre-activation maps)."""
         f0 = F.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(f0)
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        return [f0, f1, f2, f3], f3
+        f1, p1 = run_stage(self.layer1, f0)
+        f2, p2 = run_stage(self.layer2, f1)
+        f3, p3 = run_stage(self.layer3, f2)
+        return [f0, f1, f2, f3], f3, [f0, p1, p2, p3]
 
 
 def shufflenet_v1(num_classes: int) -> ShuffleNetV1:

@@ -30,13 +30,19 @@ class BasicBlock(nn.Module):
         self.conv3 = nn.Conv2d(half, half, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(half)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_with_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(output, output with the transformed half taken before its ReLU)``, as the zoo's
+        ``is_last`` block returns them."""
         half = x.shape[1] // 2
         kept, transformed = x[:, :half], x[:, half:]
         out = F.relu(self.bn1(self.conv1(transformed)))
         out = self.bn2(self.conv2(out))
-        out = F.relu(self.bn3(self.conv3(out)))
-        return channel_shuffle(torch.cat([kept, out], 1), groups=2)
+        preact = self.bn3(self.conv3(out))
+        output = channel_shuffle(torch.cat([kept, F.relu(preact)], 1), groups=2)
+        return output, channel_shuffle(torch.cat([kept, preact], 1), groups=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_with_preact(x)[0]
 
 
 class DownBlock(nn.Module):
@@ -82,7 +88,9 @@ class ShuffleNetV2(StagedClassifier):
         num_classes: K.
 
     `forward_stages` features (32x32 input), post-ReLU: stem (24, 32, 32), stages (116, 16, 16),
-    (232, 8, 8), (464, 4, 4); pooled (N, 1024) is after `conv2`'s BN-ReLU.
+    (232, 8, 8), (464, 4, 4); pooled (N, 1024) is after `conv2`'s BN-ReLU. Pre-activation maps:
+    the stem's, then each stage's output with its last block's transformed half before its ReLU
+    (no single BatchNorm precedes the whole map, so `preact_batchnorms` is not defined).
     """
 
     def __init__(
@@ -111,13 +119,20 @@ class ShuffleNetV2(StagedClassifier):
     def get_classifier(self) -> nn.Module:
         return self.linear
 
-    def forward_stage_maps(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        """(N, 3, 32, 32) -> ([stem, stage1..stage3] maps, conv2 map (N, 1024, 4, 4))."""
+    @staticmethod
+    def _run_stage(stage: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:
+        for index in range(len(stage) - 1):
+            x = stage[index](x)
+        return stage[len(stage) - 1].forward_with_preact(x)
+
+    def forward_stage_maps(self, x: Tensor) -> tuple[list[Tensor], Tensor, list[Tensor]]:
+        """(N, 3, 32, 32) -> ([stem, stage1..stage3] maps, conv2 map (N, 1024, 4, 4),
+        pre-activation maps)."""
         f0 = F.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(f0)
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        return [f0, f1, f2, f3], F.relu(self.bn2(self.conv2(f3)))
+        f1, p1 = self._run_stage(self.layer1, f0)
+        f2, p2 = self._run_stage(self.layer2, f1)
+        f3, p3 = self._run_stage(self.layer3, f2)
+        return [f0, f1, f2, f3], F.relu(self.bn2(self.conv2(f3))), [f0, p1, p2, p3]
 
 
 def shufflenet_v2(num_classes: int) -> ShuffleNetV2:

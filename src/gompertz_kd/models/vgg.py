@@ -44,7 +44,8 @@ class VGG(StagedClassifier):
         num_classes: K.
 
     `forward_stages` features (32x32 input), post-ReLU: (64, 32, 32), (128, 16, 16),
-    (256, 8, 8), (512, 4, 4), (512, 4, 4); pooled (N, 512). As in the zoo, a 64x64 input is
+    (256, 8, 8), (512, 4, 4), (512, 4, 4); pooled (N, 512). Pre-activation maps: block0's
+    post-ReLU map, then blocks 1-4 before their last ReLU. As in the zoo, a 64x64 input is
     pooled once more before block4 so that block4 still sees 4x4 maps.
     """
 
@@ -76,15 +77,23 @@ class VGG(StagedClassifier):
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
-    def forward_stage_maps(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        """(N, 3, 32, 32) -> ([block0..block4] maps, block4 map (N, 512, 4, 4))."""
+    def preact_batchnorms(self) -> list[nn.BatchNorm2d]:
+        return [self.block1[-1], self.block2[-1], self.block3[-1], self.block4[-1]]
+
+    def forward_stage_maps(self, x: Tensor) -> tuple[list[Tensor], Tensor, list[Tensor]]:
+        """(N, 3, 32, 32) -> ([block0..block4] maps, block4 map (N, 512, 4, 4), pre-activation
+        maps)."""
         height = x.shape[2]
         f0 = F.relu(self.block0(x))
-        f1 = F.relu(self.block1(self.pool0(f0)))
-        f2 = F.relu(self.block2(self.pool1(f1)))
-        f3 = F.relu(self.block3(self.pool2(f2)))
-        f4 = F.relu(self.block4(self.pool3(f3) if height == 64 else f3))
-        return [f0, f1, f2, f3, f4], f4
+        p1 = self.block1(self.pool0(f0))
+        f1 = F.relu(p1)
+        p2 = self.block2(self.pool1(f1))
+        f2 = F.relu(p2)
+        p3 = self.block3(self.pool2(f2))
+        f3 = F.relu(p3)
+        p4 = self.block4(self.pool3(f3) if height == 64 else f3)
+        f4 = F.relu(p4)
+        return [f0, f1, f2, f3, f4], f4, [f0, p1, p2, p3, p4]
 
 
 def vgg8(num_classes: int) -> VGG:

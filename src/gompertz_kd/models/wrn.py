@@ -75,7 +75,7 @@ class WideResNet(StagedClassifier):
     `forward_stages` features (32x32 input), as the zoo returns them: the stem conv output
     (16, 32, 32) and the three stage outputs (16k, 32, 32), (32k, 16, 16), (64k, 8, 8). These
     are pre-activation (not ReLU'd): the next BN-ReLU lives in the following block / the head.
-    pooled (N, 64k) is after the final BN-ReLU.
+    pooled (N, 64k) is after the final BN-ReLU. The pre-activation maps are the same tensors.
     """
 
     def __init__(
@@ -108,14 +108,20 @@ class WideResNet(StagedClassifier):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def forward_stage_maps(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        """(N, 3, 32, 32) -> ([stem, stage1..stage3] maps, relu(bn1(stage3)) (N, 64k, 8, 8))."""
+    def preact_batchnorms(self) -> list[nn.BatchNorm2d]:
+        # the BN that the next block (or the head) applies to each stage map before its ReLU
+        return [self.block2.layer[0].bn1, self.block3.layer[0].bn1, self.bn1]
+
+    def forward_stage_maps(self, x: Tensor) -> tuple[list[Tensor], Tensor, list[Tensor]]:
+        """(N, 3, 32, 32) -> ([stem, stage1..stage3] maps, relu(bn1(stage3)) (N, 64k, 8, 8),
+        the same maps as pre-activation maps)."""
         f0 = self.conv1(x)
         f1 = self.block1(f0)
         f2 = self.block2(f1)
         f3 = self.block3(f2)
         final = self.relu(self.bn1(f3))
-        return [f0, f1, f2, f3], final
+        features = [f0, f1, f2, f3]
+        return features, final, list(features)
 
 
 def wrn_16_1(num_classes: int, drop_rate: float = 0.0) -> WideResNet:

@@ -16,9 +16,15 @@ from gompertz_kd.objectives.dkd import DKD
 from gompertz_kd.objectives.fitnet import FitNet
 from gompertz_kd.objectives.gradient_matching import GradientMatching
 from gompertz_kd.objectives.kd import KD
+from gompertz_kd.objectives.kdsvd import KDSVD
+from gompertz_kd.objectives.nst import NST
 from gompertz_kd.objectives.objective import MIXINGS, SHARED, Objective, gompertz_cnn
+from gompertz_kd.objectives.ofd import OFD
+from gompertz_kd.objectives.pkt import PKT
 from gompertz_kd.objectives.reviewkd import ReviewKD
 from gompertz_kd.objectives.rkd import RKD
+from gompertz_kd.objectives.sp import SP
+from gompertz_kd.objectives.vid import VID
 from gompertz_kd.objectives.wasserstein import Wasserstein
 from gompertz_kd.objectives.wkd import WKDL, WKDTarget
 
@@ -29,9 +35,15 @@ __all__ = [
     "DIST",
     "DKD",
     "KD",
+    "KDSVD",
     "MIXINGS",
+    "NST",
+    "OFD",
+    "PKT",
     "RKD",
     "SHARED",
+    "SP",
+    "VID",
     "WKDL",
     "FitNet",
     "GradientMatching",
