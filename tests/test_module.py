@@ -285,6 +285,74 @@ def test_compiled_networks_give_the_same_losses():
         torch.testing.assert_close(terms_compiled[name], terms_plain[name], rtol=1e-4, atol=1e-5)
 
 
+def test_step_forward_is_the_weighted_total_of_compute_losses():
+    module = small_module(wd_scale=1.0).train()
+    module.set_progress(0.4)
+    images, targets = batch(n=8)
+    _, terms, _ = module.compute_losses(images, targets)
+    total, _, values, _ = module.step_forward(
+        images, targets, None, module.weight_vector(images.device)
+    )
+    assert module.term_order == ["ce", "kd", "wd"]
+    torch.testing.assert_close(values, torch.stack([terms[f"loss_{n}"] for n in module.term_order]))
+    torch.testing.assert_close(total, module.weighted_total(terms), rtol=1e-6, atol=1e-7)
+
+
+def test_compile_step_falls_back_to_the_networks_for_input_gradient_terms():
+    module = small_module(gm_scale=1.0)
+    with pytest.warns(UserWarning, match="compiling the networks only"):
+        module.compile_step()
+    assert module._compiled_step is None and module._compile_kwargs == {}
+
+
+@pytest.mark.slow
+def test_compiled_step_trains_like_the_eager_step():
+    eager, compiled = small_module(wd_scale=1.0), small_module(wd_scale=1.0)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_step()
+    for module in (eager, compiled):
+        torch.manual_seed(0)
+        cpu_trainer(max_steps=3).fit(module, random_loader(n=24))
+    for p, q in zip(eager.student.parameters(), compiled.student.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    for p, q in zip(eager.objective.parameters(), compiled.objective.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+def test_sync_every_stops_within_k_steps_and_writes_no_checkpoint_after(tmp_path):
+    module = small_module(sync_every=4)
+    original = module.compute_losses
+    steps = []
+
+    def poisoned(images, targets, step=None, indices=None, teacher=None):
+        logits, terms, teacher_logits = original(images, targets, step, indices, teacher)
+        steps.append(step)
+        if step == 5:
+            terms["loss_kd"] = terms["loss_kd"] * float("nan")
+        return logits, terms, teacher_logits
+
+    module.compute_losses = poisoned
+    with pytest.raises(NonFiniteLossError, match="between 4 and 7"):
+        cpu_trainer(max_steps=20, default_root_dir=tmp_path).fit(
+            module, random_loader(n=64, batch_size=4)
+        )
+    assert steps == list(range(8))  # the host read the flag at the end of step 7, not before
+    # no checkpoint is saved over the unchecked step: saving checks first
+    module._nonfinite_pending = torch.tensor(True)
+    with pytest.raises(NonFiniteLossError):
+        module.on_save_checkpoint({})
+
+
+def test_sync_every_on_finite_losses_trains_as_every_step_checks():
+    a, b = small_module(), small_module(sync_every=3)
+    b.load_state_dict(a.state_dict())
+    for module in (a, b):
+        torch.manual_seed(0)
+        cpu_trainer(max_steps=5).fit(module, random_loader(n=24))
+    for p, q in zip(a.student.parameters(), b.student.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
 # ---------------------------------------------------------------------- cost options
 
 
@@ -439,6 +507,8 @@ def test_compile_keeps_the_student_eager_under_gradient_matching():
         ({"gm_fraction": 0}, "gm_fraction"),
         ({"gm_fraction": 1.5}, "gm_fraction"),
         ({"gm_fraction": True}, "gm_fraction"),
+        ({"sync_every": 0}, "sync_every"),
+        ({"sync_every": 4, "nonfinite": "skip"}, "sync_every=1"),
     ],
 )
 def test_bad_cost_options_are_named(kwargs, match):
@@ -454,9 +524,7 @@ def _hand_subset_gm(module: DistillationModule, images, targets, rows: int) -> t
     x = module._format(images[:rows]).detach().requires_grad_(True)
     g_s = losses.true_class_input_gradient(student(x), x, targets[:rows], create_graph=True)
     t = module._format(images[:rows]).detach().requires_grad_(True)
-    g_t = losses.true_class_input_gradient(
-        module.teacher(t), t, targets[:rows], create_graph=False
-    )
+    g_t = losses.true_class_input_gradient(module.teacher(t), t, targets[:rows], create_graph=False)
     return losses.gradient_matching_loss(g_s, g_t)
 
 
@@ -510,7 +578,9 @@ def test_gm_fraction_shares_one_teacher_pass_shape_with_populations():
 def test_a_teacher_on_another_device_fails_with_the_reason():
     module = small_module()
     images = torch.empty(2, 3, 32, 32, device="meta")
-    with pytest.raises(RuntimeError, match=r"teacher's weights are on cpu but the batch is on meta"):
+    with pytest.raises(
+        RuntimeError, match=r"teacher's weights are on cpu but the batch is on meta"
+    ):
         module.teacher_forward(images)
 
 

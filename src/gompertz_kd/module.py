@@ -118,6 +118,13 @@ class DistillationModule(L.LightningModule):
         nonfinite: what a NaN or infinite loss does: ``"stop"`` raises
             :class:`NonFiniteLossError` naming the term, the step and the last checkpoint;
             ``"skip"`` skips the batch (no update) and counts it in ``train/skipped_batches``.
+        sync_every: how often the host reads whether the loss is finite, in training steps.
+            ``1`` (default): every step, before the update, as ``nonfinite`` describes. ``k > 1``
+            (``nonfinite="stop"`` only): the steps keep a flag on the device and the host reads it
+            every ``k``-th step, at the end of an epoch and before any checkpoint is saved, so
+            the device runs ahead of the host instead of waiting for it each step (the step's
+            only host synchronisation); a non-finite loss then stops the run within ``k`` steps,
+            and no checkpoint is written after it.
 
     The training forward :meth:`compute_losses` returns ``(student_logits, {"loss_ce": ...,
     "loss_<term>": ..., ...}, teacher_logits)``; the total is the weighted sum of that dict.
@@ -143,6 +150,7 @@ class DistillationModule(L.LightningModule):
         lr_scheduler: SchedulerFactory | None = None,
         channels_last: bool = True,
         nonfinite: str = "stop",
+        sync_every: int = 1,
         teacher_precision: str | int | None = None,
         fold_teacher_bn: bool = True,
         gm_every: int = 1,
@@ -163,6 +171,13 @@ class DistillationModule(L.LightningModule):
             raise ValueError(f"num_classes must be >= 2, got num_classes={num_classes}")
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got nonfinite={nonfinite!r}")
+        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+            raise ValueError(f"sync_every must be an integer >= 1, got sync_every={sync_every!r}")
+        if sync_every > 1 and nonfinite == "skip":
+            raise ValueError(
+                f"nonfinite=skip decides on every step whether to update, so it needs "
+                f"sync_every=1 (got sync_every={sync_every}); use nonfinite=stop to check less often"
+            )
         # Hydra reads `teacher_precision=32` as an integer.
         teacher_precision = None if teacher_precision is None else str(teacher_precision)
         gm_precision = None if gm_precision is None else str(gm_precision)
@@ -208,6 +223,17 @@ class DistillationModule(L.LightningModule):
         # through); a plain tuple, so neither state_dict nor .to() sees it. See _teacher_runner.
         self._teacher_cache: tuple[tuple, tuple, Callable[[Tensor], StageOutput]] | None = None
         self._compile_kwargs: dict[str, Any] | None = None
+        self.sync_every = sync_every
+        # sync_every > 1: whether a step since the last check had a non-finite loss (on the
+        # device), and the first step it covers
+        self._nonfinite_pending: Tensor | None = None
+        self._pending_since = 0
+        # compile_step(): the compiled step_forward, and whether the teacher's runner was checked
+        # outside it for this call
+        self._compiled_step: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor | None]] | None = (
+            None
+        )
+        self._runner_checked = False
 
         self.student = _build(student, num_classes, "student")
         self.teacher = None if teacher is None else _build(teacher, num_classes, "teacher")
@@ -338,7 +364,8 @@ class DistillationModule(L.LightningModule):
             targets=targets,
             indices=indices,
             teacher_input_grad=teacher_grad,
-            progress=self.progress,
+            # read only by the terms that need it, so that no other step depends on its value
+            progress=self.progress if Need.PROGRESS in self.objective.needs else 0.0,
             step=step,
         )
         lazy_batch = batch
@@ -484,6 +511,8 @@ class DistillationModule(L.LightningModule):
                     "to the CPU when Trainer.fit ends"
                 )
         cache = self._teacher_cache
+        if self._runner_checked and cache is not None:
+            return cache[2]  # checked just before the compiled step
         if cache is not None and _fingerprint(self.teacher, cache[0]) == cache[1]:
             return cache[2]
         runner: Callable[[Tensor], StageOutput] = self.teacher.forward_stages
@@ -516,13 +545,18 @@ class DistillationModule(L.LightningModule):
         # (images, targets), or (images, targets, indices) from a data module asked for indices
         images, targets, *rest = batch
         indices = rest[0] if rest else None
-        logits, terms, teacher_logits = self.compute_losses(
-            images, targets, self.global_step, indices
-        )
-        total = self.weighted_total(terms)
+        if self._compiled_step is not None:
+            logits, terms, teacher_logits, total = self._run_compiled_step(images, targets, indices)
+        else:
+            logits, terms, teacher_logits = self.compute_losses(
+                images, targets, self.global_step, indices
+            )
+            total = self.weighted_total(terms)
         batch_size = targets.shape[0]
+        if self.sync_every > 1:
+            self._defer_finite_check(total)
         # One host sync per step; all ranks decide together so DDP never waits on a skipped rank.
-        if self.trainer.strategy.reduce_boolean_decision(
+        elif self.trainer.strategy.reduce_boolean_decision(
             not bool(torch.isfinite(total)), all=False
         ):
             return self._non_finite(terms)
@@ -531,6 +565,114 @@ class DistillationModule(L.LightningModule):
         self.train_metrics.update(logits.detach(), targets)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=batch_size)
         return {"loss": total, **self.step_counts(logits, teacher_logits, targets)}
+
+    # ------------------------------------------------------------------ deferred finite check
+    def _defer_finite_check(self, total: Tensor) -> None:
+        bad = ~torch.isfinite(total.detach())
+        if self._nonfinite_pending is None:
+            self._nonfinite_pending, self._pending_since = bad, self.global_step
+        else:
+            self._nonfinite_pending = self._nonfinite_pending | bad
+        if (self.global_step + 1) % self.sync_every == 0:
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """Read the device-side flag of ``sync_every > 1`` (a host synchronisation, taken by
+        every rank together) and raise :class:`NonFiniteLossError` if a loss since the last
+        check was not finite. A no-op with ``sync_every=1``."""
+        pending, self._nonfinite_pending = self._nonfinite_pending, None
+        if pending is None:
+            return
+        if self.trainer.strategy.reduce_boolean_decision(bool(pending), all=False):
+            raise NonFiniteLossError(
+                f"non-finite loss at a step between {self._pending_since} and "
+                f"{self.trainer.global_step} (epoch {self.current_epoch}; the loss is checked "
+                f"every {self.sync_every} steps, model.sync_every). No checkpoint was written "
+                "after it. Lower the learning rate or a term's scale, or set model.sync_every=1 "
+                "to find the step and term"
+            )
+
+    def on_train_epoch_end(self) -> None:
+        self.check_finite()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a checkpoint is never written over an unchecked non-finite step
+        if self._trainer is not None:
+            self.check_finite()
+
+    # ------------------------------------------------------------------ compiled step
+    def step_forward(
+        self, images: Tensor, targets: Tensor, indices: Tensor | None, weights: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """A training step's forward as a function of tensors alone, what :meth:`compile_step`
+        compiles: the teacher's pass, the student's, every term, the weighted total.
+
+        Args:
+            images, targets, indices: the batch (``indices``: ``None`` unless a term needs them).
+            weights: ``(1 + T,)`` the weights of the cross-entropy and of the objective's ``T``
+                terms, in :attr:`term_order` (:meth:`weight_vector`).
+
+        Returns:
+            ``(total, student_logits, values, teacher_logits)``: ``values`` ``(1 + T,)`` the
+            unweighted losses in :attr:`term_order`.
+        """
+        logits, terms, teacher_logits = self.compute_losses(images, targets, None, indices)
+        values = torch.stack([terms[f"loss_{name}"] for name in self.term_order])
+        return (weights * values).sum(), logits, values, teacher_logits
+
+    @property
+    def term_order(self) -> list[str]:
+        """``["ce", <term>, ...]``: the order of :meth:`step_forward`'s weights and values."""
+        return ["ce", *self.objective.names]
+
+    def weight_vector(self, device: torch.device) -> Tensor:
+        """The current weights in :attr:`term_order` as a tensor on ``device``, copied from
+        pinned memory without blocking on CUDA (no host synchronisation)."""
+        values = torch.tensor([self.loss_weights[f"{n}_weight"] for n in self.term_order])
+        if device.type == "cuda":
+            return values.pin_memory().to(device, non_blocking=True)
+        return values.to(device)
+
+    def compile_step(self, **compile_kwargs: Any) -> None:
+        """``torch.compile`` the training step's forward as one graph (:meth:`step_forward`:
+        the teacher's pass, BatchNorm folded if asked, the student's, every term and the
+        weighted total, with the backward compiled with it): on a GPU, ``mode="reduce-overhead"``
+        replays it as CUDA graphs. The weights enter as a tensor, so a moving schedule does not
+        recompile it.
+
+        Objectives with a term that needs the teacher's input gradient (a double backward,
+        which compiled graphs lack) or the training progress (which would recompile every step)
+        fall back to :meth:`compile_networks`, with a warning.
+        """
+        blocked = sorted(
+            set(self.objective.names_needing(Need.INPUT_GRAD))
+            | set(self.objective.names_needing(Need.PROGRESS))
+        )
+        if blocked:
+            warnings.warn(
+                f"compile_step: terms {blocked} need the teacher's input gradient or the "
+                "training progress, which a compiled step cannot take; compiling the networks "
+                "only (compile_networks)",
+                stacklevel=2,
+            )
+            self.compile_networks(**compile_kwargs)
+            return
+        self._compiled_step = torch.compile(self.step_forward, **compile_kwargs)
+
+    def _run_compiled_step(
+        self, images: Tensor, targets: Tensor, indices: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor | None, Tensor]:
+        if self.teacher is not None and self.objective.terms:
+            self._teacher_runner(images.device)  # checked and rebuilt here, not in the graph
+        self._runner_checked = True
+        try:
+            total, logits, values, teacher_logits = self._compiled_step(
+                images, targets, indices, self.weight_vector(images.device)
+            )
+        finally:
+            self._runner_checked = False
+        terms = {f"loss_{name}": v for name, v in zip(self.term_order, values, strict=True)}
+        return logits, terms, teacher_logits, total
 
     def step_values(self, terms: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """What a training step logs besides ``train/loss``: each term (``train/loss_<term>``)
@@ -668,9 +810,11 @@ class DistillationModule(L.LightningModule):
         self._teacher_cache = None
 
     def __getstate__(self) -> dict[str, Any]:
-        # The cached teacher runner may be a compiled function, which does not pickle.
+        # The cached teacher runner and the compiled step are compiled functions, which do not
+        # pickle.
         state = dict(super().__getstate__())
         state["_teacher_cache"] = None
+        state["_compiled_step"] = None
         return state
 
     def _format(self, images: Tensor) -> Tensor:
