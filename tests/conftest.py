@@ -11,6 +11,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _deterministic_algorithms():
+    """A Trainer(deterministic=True) switches torch's deterministic algorithms on for the whole
+    process; put the setting back so that a later test (on CUDA, where some backward passes have
+    no deterministic kernel) runs as it would alone."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 @pytest.fixture(scope="session")
 def tiny_c10(tmp_path_factory):
     """A generated CIFAR-10 image folder: 20 training images (2 per class), 10 test images."""

@@ -266,6 +266,8 @@ def test_ddp_on_two_cpu_processes_ends_with_identical_student_weights(tiny_data,
     ],
 )
 def test_launcher_configs_compose(launcher, target):
+    # the launchers are optional plugins (installed with gompertz_kd, not on a bare GPU image)
+    pytest.importorskip(target.rsplit(".", 2)[0])
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_ == target

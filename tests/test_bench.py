@@ -10,7 +10,9 @@ from gompertz_kd import bench, losses
 from gompertz_kd.bench.render import target_list
 from gompertz_kd.config import CONFIG_DIR
 
+# on the CPU wherever the suite runs (the bench's own default is the GPU when there is one)
 TINY = ["--teacher", "resnet14", "--student", "resnet8", "--num-classes", "10", "--batch", "4"]
+TINY += ["--device", "cpu"]
 
 
 def test_report_lands_between_the_markers_and_keeps_the_hand_written_text(tmp_path):

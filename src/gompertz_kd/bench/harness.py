@@ -448,10 +448,12 @@ def lightning_case(
             limit_val_batches=0,
             benchmark=setup.device.type == "cuda",
         )
-        trainer.fit(module, train_dataloaders=loader)
-        # Lightning moves the module it fitted to the CPU when fit ends, and with it the teacher
-        # every case of the bench shares: put it back before another case runs on the device.
-        module.to(setup.device)
+        try:
+            trainer.fit(module, train_dataloaders=loader)
+        finally:
+            # Lightning moves the module it fitted to the CPU when fit ends, and with it the
+            # teacher every case of the bench shares: put it back before another case runs.
+            module.to(setup.device)
         return timer.starts
 
     def run() -> float:
