@@ -154,6 +154,46 @@ def test_features_are_the_tensors_the_zoo_returns(name):
     assert out.pooled.min() >= 0  # every zoo embedding is pooled after a ReLU
 
 
+@pytest.mark.parametrize("name", list(POST_RELU))
+def test_preact_features_are_the_maps_before_each_stages_relu(name):
+    """OFD's pre-activation maps: the stem as in `features`; a post-ReLU stage map is exactly
+    the ReLU of its pre-activation map (which does go negative); a map with no ReLU after it
+    is the same tensor."""
+    model = create_model(name, 10).eval()
+    with torch.no_grad():
+        out = model.forward_stages(torch.randn(2, 3, 32, 32))
+    assert len(out.preact_features) == len(out.features)
+    torch.testing.assert_close(out.preact_features[0], out.features[0], rtol=0, atol=0)
+    for post_relu, feature, preact in zip(
+        POST_RELU[name][1:], out.features[1:], out.preact_features[1:], strict=True
+    ):
+        assert preact.shape == feature.shape
+        if post_relu:
+            torch.testing.assert_close(preact.relu(), feature, rtol=0, atol=0)
+            if name != "ShuffleV2":  # half of its channels are passed through, post-ReLU
+                assert preact.min() < 0
+        else:
+            assert preact is feature
+
+
+@pytest.mark.parametrize("name", [n for n in POST_RELU if n != "ShuffleV2"])
+def test_preact_batchnorms_one_per_stage_after_the_stem_of_its_width(name):
+    model = create_model(name, 10)
+    shapes = feature_shapes(model)
+    bns = model.preact_batchnorms()
+    assert all(isinstance(bn, nn.BatchNorm2d) for bn in bns)
+    assert [bn.num_features for bn in bns] == [c for c, _, _ in shapes[1:]]
+    names = {id(m) for m in model.modules()}
+    assert all(id(bn) in names for bn in bns)  # the model's own layers, no new ones
+
+
+def test_shufflev2_and_timm_models_say_they_have_no_preact_batchnorms():
+    with pytest.raises(NotImplementedError, match="ShuffleNetV2"):
+        create_model("ShuffleV2", 10).preact_batchnorms()
+    out = create_model("timm/resnet18", 10).eval().forward_stages(torch.randn(1, 3, 32, 32))
+    assert out.preact_features is None
+
+
 def test_vgg_pools_once_more_at_64x64_like_the_zoo():
     model = create_model("vgg8", 10).eval()
     shapes = feature_shapes(model, (3, 64, 64))
