@@ -30,7 +30,14 @@ from torchmetrics.classification import MulticlassAccuracy
 from gompertz_kd import losses
 from gompertz_kd.checkpoints import load_weights
 from gompertz_kd.models import StageOutput, create_model
-from gompertz_kd.objectives import Need, Networks, Objective, Step, gompertz_cnn
+from gompertz_kd.objectives import (
+    Need,
+    Networks,
+    Objective,
+    Step,
+    gompertz_cnn,
+    objective_from_spec,
+)
 from gompertz_kd.schedules import Stage
 
 __all__ = [
@@ -77,7 +84,10 @@ class DistillationModule(L.LightningModule):
             terms, each ``scale * schedule(progress)``). ``None``: Gompertz KD
             (:func:`~gompertz_kd.objectives.gompertz_cnn` with its defaults) when there is a
             teacher, cross-entropy alone when there is none. Its terms build their trainable
-            parts here, after the networks (and the teacher's weights) are in place.
+            parts here, after the networks (and the teacher's weights) are in place. Its spec
+            (:meth:`Objective.spec`, plain data) is recorded as the hyper-parameter
+            ``objective``, so ``DistillationModule.load_from_checkpoint(path)`` rebuilds it;
+            a spec given here is built with :func:`~gompertz_kd.objectives.objective_from_spec`.
         num_train_samples: images in the training set, for terms with a per-image memory (CRD).
         lr, momentum, weight_decay, lr_milestones, lr_gamma: the default optimiser, SGD with a
             step LR schedule (per epoch). ``lr=None`` picks :func:`benchmark_lr` for the student.
@@ -203,6 +213,8 @@ class DistillationModule(L.LightningModule):
             )
         if objective is None:
             objective = gompertz_cnn() if teacher is not None else Objective()
+        if isinstance(objective, Mapping):  # a recorded spec (load_from_checkpoint)
+            objective = objective_from_spec(objective)
         if not isinstance(objective, Objective):
             raise TypeError(
                 f"objective must be a gompertz_kd.objectives.Objective, got {type(objective).__name__}"
@@ -212,6 +224,7 @@ class DistillationModule(L.LightningModule):
                 f"the objective's terms {objective.names} distil from a teacher, but teacher=None; "
                 "give a teacher, or an objective without terms to train the student alone"
             )
+        self.hparams["objective"] = _objective_spec(objective)
         self.nonfinite = nonfinite
         self.skipped_batches = 0
         self.teacher_precision = teacher_precision
@@ -809,6 +822,29 @@ class DistillationModule(L.LightningModule):
         self._compile_kwargs = dict(compile_kwargs)
         self._teacher_cache = None
 
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: Any,
+        map_location: Any = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        weights_only: bool = True,
+        **kwargs: Any,
+    ) -> DistillationModule:
+        """A module as a checkpoint saved it: networks, objective (rebuilt from the spec recorded
+        as the hyper-parameter ``objective``, its trainable parts and buffers restored) and
+        metrics. Read with ``weights_only=True`` (no code in the file runs); keyword arguments
+        override the recorded hyper-parameters (``objective=`` one built by hand)."""
+        return super().load_from_checkpoint(
+            checkpoint_path,
+            map_location=map_location,
+            hparams_file=hparams_file,
+            strict=strict,
+            weights_only=weights_only,
+            **kwargs,
+        )
+
     def __getstate__(self) -> dict[str, Any]:
         # The cached teacher runner and the compiled step are compiled functions, which do not
         # pickle.
@@ -821,6 +857,21 @@ class DistillationModule(L.LightningModule):
         return (
             images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
         )
+
+
+def _objective_spec(objective: Objective) -> dict[str, Any] | None:
+    """The objective's spec for the checkpoint, or ``None`` (with a warning) when a term was
+    built with arguments that are not plain data: such a checkpoint needs ``objective=`` given
+    to ``load_from_checkpoint``."""
+    try:
+        return objective.spec()
+    except TypeError as error:
+        warnings.warn(
+            f"the objective cannot be recorded in checkpoints ({error}); pass objective= to "
+            "DistillationModule.load_from_checkpoint",
+            stacklevel=3,
+        )
+        return None
 
 
 def _build(model: str | nn.Module, num_classes: int, role: str) -> nn.Module:

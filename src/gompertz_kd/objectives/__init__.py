@@ -24,6 +24,7 @@ from gompertz_kd.objectives.pkt import PKT
 from gompertz_kd.objectives.reviewkd import ReviewKD
 from gompertz_kd.objectives.rkd import RKD
 from gompertz_kd.objectives.sp import SP
+from gompertz_kd.objectives.spec import objective_from_spec
 from gompertz_kd.objectives.vid import VID
 from gompertz_kd.objectives.wasserstein import Wasserstein
 from gompertz_kd.objectives.wkd import WKDL, WKDTarget
@@ -57,4 +58,5 @@ __all__ = [
     "WKDTarget",
     "Wasserstein",
     "gompertz_cnn",
+    "objective_from_spec",
 ]

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from gompertz_kd.losses import standardize_logits
 from gompertz_kd.models import StageOutput
 from gompertz_kd.models.registry import stage_output_shapes
+from gompertz_kd.objectives.spec import Recorded
 
 __all__ = ["LogitTerm", "Need", "Networks", "Step", "Term", "positive"]
 
@@ -100,12 +101,14 @@ class Networks:
         return self._probe(role)[1]
 
 
-class Term(nn.Module):
+class Term(Recorded, nn.Module):
     """A distillation loss term: declares :attr:`needs`, returns one unweighted scalar.
 
     Subclasses set ``needs`` and implement :meth:`forward`; those with trainable or stateful parts
     build them in :meth:`bind`, which the module calls once, after building the networks and
-    before the optimiser or a checkpoint sees the parameters.
+    before the optimiser or a checkpoint sees the parameters. A term remembers its constructor
+    arguments (:meth:`spec`), which checkpoints record so that they rebuild it; give it plain
+    data, schedules or other terms as arguments.
     """
 
     needs: frozenset[Need] = frozenset({Need.LOGITS})

@@ -15,6 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from gompertz_kd.objectives.base import Need, Networks, Step, Term
+from gompertz_kd.objectives.spec import Recorded
 from gompertz_kd.schedules import Gompertz, Schedule, Stage, make_schedule
 
 __all__ = ["MIXINGS", "SHARED", "Objective", "gompertz_cnn"]
@@ -27,7 +28,7 @@ MIXINGS = ("additive", "convex")
 _NAME = re.compile(r"^[a-z][a-z0-9]*$")
 
 
-class Objective(nn.Module):
+class Objective(Recorded, nn.Module):
     """Cross-entropy plus named distillation terms, each ``scale * schedule(progress)``.
 
     Args:
@@ -45,6 +46,11 @@ class Objective(nn.Module):
         mixing_term: the term ``"convex"`` mixing pairs with the cross-entropy.
         schedule: the shared schedule (default ``Gompertz()``).
         field: config path of this objective, named in error messages.
+
+    ``spec()`` gives the objective as plain data (its terms' and schedules' constructor
+    arguments), from which :func:`~gompertz_kd.objectives.objective_from_spec` rebuilds it; a
+    :class:`~gompertz_kd.module.DistillationModule` records it among its checkpoint's
+    hyper-parameters.
 
     Raises:
         ValueError: naming ``<field>.<...>``: a bad name, a negative scale, an unreadable
