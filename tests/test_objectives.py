@@ -272,6 +272,52 @@ def test_crd_refuses_to_run_without_indices_or_a_training_set_size():
         module.compute_losses(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
 
 
+def test_draw_negatives_exact_takes_rows_of_other_classes_only_uniform_any():
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, -1, 0, 1, 2])
+    targets = torch.tensor([0, 1, 2, 2])
+    rows = losses.draw_negatives(10, 500, torch.Generator().manual_seed(3), targets, labels)
+    assert rows.shape == (4, 500) and rows.min() >= 0 and rows.max() < 10
+    assert not (labels[rows] == targets[:, None]).any()
+    assert (rows == 6).any()  # a row of unknown class (-1) serves any anchor
+    again = losses.draw_negatives(10, 500, torch.Generator().manual_seed(3), targets, labels)
+    assert torch.equal(rows, again)  # the same stream, the same negatives
+    uniform = losses.draw_negatives(10, 500, torch.Generator().manual_seed(3), targets)
+    assert torch.equal(
+        uniform, torch.randint(0, 10, (4, 500), generator=torch.Generator().manual_seed(3))
+    )
+    assert (labels[uniform] == targets[:, None]).any()  # uniform does draw the anchor's class
+    with pytest.raises(ValueError, match="other classes"):
+        losses.draw_negatives(3, 4, torch.Generator(), torch.tensor([1]), torch.ones(3).long())
+
+
+def test_crd_exact_mode_learns_the_rows_classes_and_never_draws_the_anchors_class():
+    objective = objective_of("crd", "method.terms.crd.term.num_negatives=64")
+    crd = objective.terms["crd"]
+    assert crd.mode == "exact"  # the benchmark's default, in the config
+    module = DistillationModule(
+        "resnet8", "resnet14", 10, objective=objective, num_train_samples=12
+    )
+    assert torch.equal(crd.labels, torch.full((12,), -1))
+    assert "objective.terms.crd.labels" in module.state_dict()
+    loader = indexed_loader(n=12, batch_size=6)
+    for images, targets, indices in loader:
+        module.compute_losses(images, targets, step=0, indices=indices)
+        negatives = crd.negatives(targets, step=1)
+        assert not (crd.labels[negatives] == targets[:, None]).any()
+    labels = torch.cat([t for _, t, _ in loader])
+    assert torch.equal(crd.labels, labels)  # every row's class, once its image was seen
+    with pytest.raises(ValueError, match="mode must be one of"):
+        objective_of("crd", "method.terms.crd.term.mode=exactly")
+
+
+def test_crd_uniform_mode_keeps_the_earlier_state_dict():
+    objective = objective_of("crd", "method.terms.crd.term.mode=uniform")
+    module = DistillationModule(
+        "resnet8", "resnet14", 10, objective=objective, num_train_samples=12
+    )
+    assert not any(k.endswith("crd.labels") for k in module.state_dict())
+
+
 def test_kdsvd_refuses_a_pair_of_unequal_widths_when_bound():
     with pytest.raises(
         ValueError, match=r"KDSVD compares singular vectors over channels.*\(12, 256\)"

@@ -28,7 +28,8 @@ Features and embeddings (:mod:`.features`, :mod:`.contrastive`)
 - AT (Zagoruyko & Komodakis, ICLR 2017): :func:`at_loss` (one pair of maps;
   :func:`match_spatial` pools the larger).
 - RKD (Park et al., CVPR 2019): :func:`rkd_loss`.
-- CRD (Tian et al., ICLR 2020): :func:`crd_nce_loss`, :class:`ContrastMemory`, :class:`Embed`.
+- CRD (Tian et al., ICLR 2020): :func:`crd_nce_loss`, :class:`ContrastMemory`, :class:`Embed`,
+  :func:`draw_negatives`.
 - ReviewKD (Chen et al., CVPR 2021): :func:`hcl_loss`, :class:`ReviewFusion`.
 
 Relations inside a batch or a map (:mod:`.relations`), regressed teacher maps (:mod:`.regression`)
@@ -51,7 +52,7 @@ Gompertz-CNN's own terms (:mod:`.wasserstein`, :mod:`.gradients`)
   matching, aligning the student's input gradients with the teacher's.
 """
 
-from gompertz_kd.losses.contrastive import ContrastMemory, Embed, crd_nce_loss
+from gompertz_kd.losses.contrastive import ContrastMemory, Embed, crd_nce_loss, draw_negatives
 from gompertz_kd.losses.features import (
     HintRegressor,
     ReviewFusion,
@@ -117,6 +118,7 @@ __all__ = [
     "dist_loss",
     "dkd_loss",
     "dkd_parts",
+    "draw_negatives",
     "fitnet_loss",
     "gaussian_wasserstein_loss",
     "gradient_matching_loss",

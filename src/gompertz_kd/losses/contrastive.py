@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ContrastMemory", "Embed", "crd_nce_loss"]
+__all__ = ["ContrastMemory", "Embed", "crd_nce_loss", "draw_negatives"]
 
 
 def crd_nce_loss(scores: Tensor, num_data: int, eps: float = 1e-7) -> Tensor:
@@ -39,6 +39,56 @@ def crd_nce_loss(scores: Tensor, num_data: int, eps: float = 1e-7) -> Tensor:
     log_d1 = torch.log(positive / (positive + noise + eps))
     log_d0 = torch.log(noise / (negatives + noise + eps))
     return -(log_d1.sum() + log_d0.sum()) / scores.shape[0]
+
+
+def draw_negatives(
+    num_data: int,
+    num_negatives: int,
+    generator: torch.Generator,
+    targets: Tensor,
+    labels: Tensor | None = None,
+    max_redraws: int = 64,
+) -> Tensor:
+    """``(N, K)`` memory-bank rows drawn uniformly with replacement, and, given the anchors'
+    ``targets`` and the bank rows' ``labels``, only among rows of *other* classes.
+
+    The second is CRD's ``mode='exact'`` (RepDistiller ``dataset/cifar100.py``: each negative
+    drawn with replacement from the samples of the other classes), done by redrawing every
+    entry whose row has the anchor's class until none has; a row whose label is unknown
+    (``-1``) counts as another class's.
+
+    Args:
+        num_data: bank size; rows are drawn from ``[0, num_data)``.
+        num_negatives: ``K``.
+        generator: the random stream (on the device the rows are made on).
+        targets: ``(N,)`` the anchors' classes (their count ``N`` sets the rows drawn).
+        labels: ``(num_data,)`` each row's class, ``-1`` unknown; ``None``: uniform draw.
+        max_redraws: rounds of redrawing before giving up.
+
+    Returns:
+        ``(N, K)`` int64 row indices.
+
+    Raises:
+        ValueError: after ``max_redraws`` rounds some anchor still has a negative of its own
+            class (every known row is of that class).
+    """
+    n = targets.shape[0]
+    device = generator.device
+    rows = torch.randint(0, num_data, (n, num_negatives), generator=generator, device=device)
+    if labels is None:
+        return rows
+    for _ in range(max_redraws):
+        same = labels[rows] == targets.view(n, 1)
+        if not bool(same.any()):
+            return rows
+        redraw = torch.randint(0, num_data, (n, num_negatives), generator=generator, device=device)
+        rows = torch.where(same, redraw, rows)
+    if bool((labels[rows] == targets.view(n, 1)).any()):
+        raise ValueError(
+            f"no negatives of other classes after {max_redraws} redraws: does the training set "
+            "have more than one class?"
+        )
+    return rows
 
 
 class Embed(nn.Module):
@@ -73,9 +123,9 @@ class ContrastMemory(nn.Module):
     - After scoring, each bank's rows at ``indices`` move to
       ``normalise(momentum * row + (1 - momentum) * e)``, under ``torch.no_grad()``.
 
-    The caller draws the negatives (so it can seed them); the reference's data set draws ``K``
-    indices uniformly, with replacement, among the samples of other classes (``mode='exact'``,
-    RepDistiller ``dataset/cifar100.py``). Defaults: ``feature_dim = 128``, ``K = 16384``,
+    The caller draws the negatives (:func:`draw_negatives`, so it can seed them); the
+    reference's data set draws ``K`` indices uniformly, with replacement, among the samples of
+    other classes (``mode='exact'``, RepDistiller ``dataset/cifar100.py``). Defaults: ``feature_dim = 128``, ``K = 16384``,
     ``T = 0.07``, ``momentum = 0.5`` (RepDistiller ``train_student.py``).
 
     Args:

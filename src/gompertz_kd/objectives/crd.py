@@ -2,15 +2,21 @@
 HobbitLong/RepDistiller ``crd/criterion.py``, ``crd/memory.py``.
 
 Benchmark defaults: 128-d embeddings (a linear layer + L2 normalisation on each network's pooled
-embedding), K = 16384 negatives drawn uniformly from a momentum (0.5) memory bank with one slot
-per training image, NCE temperature 0.07, weight 0.8, CE 1. It needs each image's training-set
-index (the data module yields it when a term asks) and the size of the training set.
+embedding), K = 16384 negatives from a momentum (0.5) memory bank with one slot per training
+image, drawn among the images of the *other* classes (RepDistiller's default ``--mode exact``),
+NCE temperature 0.07, weight 0.8, CE 1. It needs each image's training-set index (the data module
+yields it when a term asks) and the size of the training set.
 
-Choices: the reference draws the negatives in its data loader with numpy's global RNG, from the
-images of the *other* classes (``mode='exact'``); here they are drawn uniformly over the whole
-training set (the noise distribution of the CRD paper's NCE; about 1/K of them share the anchor's
-class) from a generator seeded by ``(seed, step)``, so a resumed run draws exactly the negatives it
-would have drawn (the banks and the NCE normalisers are buffers, in checkpoints).
+Choices: the reference draws the negatives in its data loader with numpy's global RNG; here they
+are drawn from a generator seeded by ``(seed, step)``, so a resumed run draws exactly the negatives
+it would have drawn (the banks, the NCE normalisers and the bank rows' labels are buffers, in
+checkpoints). ``mode="exact"`` knows a bank row's class once its image has been in a batch (the
+buffer ``labels``, ``-1`` before): a row not yet written holds its random initialisation, not an
+embedding of its image, so it serves as a negative of any class, as an other-class row would.
+``mode="uniform"`` draws over the whole training set (the noise distribution of the CRD paper's
+NCE; about 1/classes of the negatives share the anchor's class), what gompertz_kd did before
+``exact`` existed: set it to resume a CRD run checkpointed then (those checkpoints have no
+``labels``).
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from torch import Tensor
 from gompertz_kd import losses
 from gompertz_kd.objectives.base import Need, Networks, Step, Term, positive
 
-__all__ = ["CRD"]
+__all__ = ["CRD", "NEGATIVE_MODES"]
+
+NEGATIVE_MODES = ("exact", "uniform")
 
 
 class CRD(Term):
@@ -33,9 +41,11 @@ class CRD(Term):
         temperature: NCE temperature.
         momentum: memory-bank momentum.
         seed: seed of the negatives' draw (mixed with the step number).
+        mode: ``"exact"``: negatives from the other classes only (the benchmark's); ``"uniform"``:
+            from the whole training set.
     """
 
-    needs = frozenset({Need.POOLED, Need.INDICES, Need.PROGRESS})
+    needs = frozenset({Need.POOLED, Need.INDICES, Need.TARGETS, Need.PROGRESS})
 
     def __init__(
         self,
@@ -44,8 +54,11 @@ class CRD(Term):
         temperature: float = 0.07,
         momentum: float = 0.5,
         seed: int = 0,
+        mode: str = "exact",
     ) -> None:
         super().__init__()
+        if mode not in NEGATIVE_MODES:
+            raise ValueError(f"mode must be one of {NEGATIVE_MODES}, got mode={mode!r}")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got momentum={momentum}")
         self.feature_dim = int(feature_dim)
@@ -53,6 +66,7 @@ class CRD(Term):
         self.temperature = positive("temperature", temperature)
         self.momentum = float(momentum)
         self.seed = int(seed)
+        self.mode = mode
         self.num_data: int | None = None
 
     def bind(self, networks: Networks) -> None:
@@ -68,18 +82,25 @@ class CRD(Term):
         self.memory = losses.ContrastMemory(
             self.feature_dim, self.num_data, self.num_negatives, self.temperature, self.momentum
         )
+        if self.mode == "exact":
+            self.register_buffer("labels", torch.full((self.num_data,), -1, dtype=torch.long))
 
-    def negatives(self, batch_size: int, step: int | None, device: torch.device) -> Tensor:
-        """``(N, K)`` bank indices drawn uniformly, the same for the same ``(seed, step)``."""
-        generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + (step or 0))
-        return torch.randint(
-            0, self.num_data, (batch_size, self.num_negatives), generator=generator, device=device
+    def negatives(self, targets: Tensor, step: int | None) -> Tensor:
+        """``(N, K)`` bank indices for anchors of classes ``targets`` ``(N,)``, the same for the
+        same ``(seed, step)``: in ``"exact"`` mode none of a row known to be of the anchor's
+        class (:func:`gompertz_kd.losses.draw_negatives`)."""
+        generator = torch.Generator(device=targets.device).manual_seed(
+            self.seed * 1_000_003 + (step or 0)
         )
+        labels = self.labels if self.mode == "exact" else None
+        return losses.draw_negatives(self.num_data, self.num_negatives, generator, targets, labels)
 
     def forward(self, step: Step) -> Tensor:
         embedding_s = self.embed_s(step.student.pooled)
         embedding_t = self.embed_t(step.teacher.pooled)
-        negatives = self.negatives(embedding_s.shape[0], step.step, embedding_s.device)
+        if self.mode == "exact":
+            self.labels.index_copy_(0, step.indices, step.targets.to(self.labels.dtype))
+        negatives = self.negatives(step.targets, step.step)
         scores_s, scores_t = self.memory(embedding_s, embedding_t, step.indices, negatives)
         return losses.crd_nce_loss(scores_s, self.num_data) + losses.crd_nce_loss(
             scores_t, self.num_data
