@@ -66,6 +66,7 @@ from torch.nn import functional as F
 
 from gompertz_kd.callbacks import GompertzWeightCallback, RunTimer
 from gompertz_kd.config import CONFIG_DIR
+from gompertz_kd.fused import FusedStudents, fusable, student_signature
 from gompertz_kd.module import DistillationModule, NonFiniteLossError
 from gompertz_kd.objectives import Need
 from gompertz_kd.run_files import HISTORY_FILE, RESULTS_FILE
@@ -105,14 +106,25 @@ class PopulationModule(L.LightningModule):
         members: name -> member, each built as a single run builds it. The members with a
             teacher are given one shared teacher (the first one's); members without terms
             (the student alone) run no teacher.
+        fuse: run the training forward and backward of members whose students share an
+            architecture as one network (:mod:`gompertz_kd.fused`): ``True``, ``False``, or
+            ``"auto"`` (default), which fuses on CUDA and loops on the CPU, where the grouped
+            convolutions of a fused network are slower than the members' own
+            (``docs/benchmarks.md``). Members whose terms need the teacher's input gradient
+            (gradient matching: a double backward through the student) stay looped, as do
+            students whose layers or forward cannot be widened (``True`` then raises), a lone
+            student of its architecture, and compiled students (under ``"auto"``). Validation
+            and test forwards stay looped.
 
     Raises:
-        ValueError: no members, a bad name, members with different class counts, or members
-            whose teacher or optimiser settings differ (they share one pass and one optimiser).
+        ValueError: no members, a bad name, members with different class counts, members
+            whose teacher or optimiser settings differ (they share one pass and one optimiser),
+            or a ``fuse`` that is none of ``"auto"``, ``True``, ``False``.
     """
 
-    def __init__(self, members: Mapping[str, DistillationModule]) -> None:
+    def __init__(self, members: Mapping[str, DistillationModule], fuse: str | bool = "auto") -> None:
         super().__init__()
+        self.fuse = check_fuse(fuse)
         members = dict(members)
         check_member_names(list(members))
         classes = {name: int(m.hparams.num_classes) for name, m in members.items()}
@@ -142,6 +154,63 @@ class PopulationModule(L.LightningModule):
         self.members = nn.ModuleDict(members)
         # per member: {"top1": best validation top-1, "epoch": its epoch}
         self.best: dict[str, dict[str, float | int]] = {}
+        # the fused groups (member names, their network), decided at the first training batch
+        # (the device and the images decide), and the fused members skipped at this step
+        self._fused: list[tuple[list[str], FusedStudents]] | None = None
+        self._skipped_fused: list[str] = []
+
+    # ------------------------------------------------------------------ fused members
+    def fusion_groups(self) -> list[list[str]]:
+        """The members that may fuse, grouped by architecture (groups of two or more): those
+        without an input-gradient term whose student :func:`~gompertz_kd.fused.fusable`."""
+        groups: dict[tuple, list[str]] = {}
+        for name, member in self.members.items():
+            if member._lazy_terms or fusable(member.student) is not None:
+                continue
+            groups.setdefault(student_signature(member.student), []).append(name)
+        return [names for names in groups.values() if len(names) > 1]
+
+    def fused_groups(self, images: Tensor) -> list[tuple[list[str], FusedStudents]]:
+        """The fused groups this population trains with (decided once, on the first training
+        batch ``images``): each group's names and :class:`~gompertz_kd.fused.FusedStudents`.
+
+        Raises:
+            ValueError: ``fuse=True`` and a group's fused forward does not match its members'.
+        """
+        if self._fused is not None:
+            return self._fused
+        fuse = self.fuse
+        compiled = any(m._compile_kwargs is not None for m in self.members.values())
+        if fuse == "auto":
+            fuse = images.device.type == "cuda" and not compiled
+        self._fused = []
+        if fuse:
+            for names in self.fusion_groups():
+                first = self.members[names[0]]
+                fused = FusedStudents(
+                    [self.members[n].student for n in names], channels_last=first.channels_last
+                )
+                problem = fused.check(first._format(images[:2]))
+                if problem is not None:
+                    if self.fuse is True:
+                        raise ValueError(
+                            f"population.fuse=true: members {names} cannot run as one network "
+                            f"({problem}); set population.fuse=false or auto"
+                        )
+                    log.warning("members %s train looped: %s", names, problem)
+                    continue
+                self._fused.append((names, fused))
+            if self._fused:
+                log.info("fused members: %s", "; ".join(", ".join(n) for n, _ in self._fused))
+        return self._fused
+
+    def fused_outputs(self, images: Tensor) -> dict[str, Any]:
+        """The fused members' student outputs on a training batch: ``name -> StageOutput``."""
+        out = {}
+        for names, fused in self.fused_groups(images):
+            formatted = self.members[names[0]]._format(images)
+            out.update(zip(names, fused(formatted), strict=True))
+        return out
 
     # ------------------------------------------------------------------ training
     def teacher_passes(
@@ -175,15 +244,19 @@ class PopulationModule(L.LightningModule):
         self, images: Tensor, targets: Tensor, step: int, indices: Tensor | None = None
     ) -> dict[str, tuple[Tensor, dict[str, Tensor], Tensor | None]]:
         """Every member's :meth:`~gompertz_kd.module.DistillationModule.compute_losses` on one
-        batch, the teacher run once for all (:meth:`teacher_passes`): ``name -> (student
+        batch, the teacher run once for all (:meth:`teacher_passes`), the students of fused
+        members as one network (:meth:`fused_outputs`, in training mode): ``name -> (student
         logits, unweighted terms, teacher logits)``."""
         passes = self.teacher_passes(images, targets, step)
+        students = self.fused_outputs(images) if self.training else {}
         out = {}
         for name, member in self.members.items():
             shared = None
             if member.teacher is not None and member.due_terms(step):
                 shared = passes[member.gm_due(step)]
-            out[name] = member.compute_losses(images, targets, step, indices, teacher=shared)
+            out[name] = member.compute_losses(
+                images, targets, step, indices, teacher=shared, student=students.get(name)
+            )
         return out
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict[str, Any] | None:
@@ -198,11 +271,15 @@ class PopulationModule(L.LightningModule):
             bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
         non_finite = dict(zip(weighted, (bool(b) for b in bad.tolist()), strict=True))
         totals, out = [], {}
+        fused = {n for names, _ in self._fused or [] for n in names}
+        self._skipped_fused = []
         for name, member in self.members.items():
             logits, terms, teacher_logits = losses[name]
             total = weighted[name]
             if non_finite[name]:
                 self._non_finite(name, member, terms)
+                if name in fused:
+                    self._skipped_fused.append(name)
                 continue
             self.log(f"{name}/train/loss", total, batch_size=batch_size)
             self.log_dict(
@@ -223,6 +300,13 @@ class PopulationModule(L.LightningModule):
         # disjoint parameters: the sum's gradient is each member's own, as if it trained alone
         out["loss"] = torch.stack(totals).sum()
         return out
+
+    def on_after_backward(self) -> None:
+        # A skipped member trained looped gets no gradient (None: SGD leaves it alone, no decay,
+        # no momentum); fused, the backward hands it zeros: put it back as it would be.
+        for name in self._skipped_fused:
+            for p in self.members[name].trainable_parameters():
+                p.grad = None
 
     def _non_finite(self, name: str, member: DistillationModule, terms: Mapping[str, Tensor]):
         bad = ", ".join(f"{k}={v.item():g}" for k, v in terms.items() if not torch.isfinite(v)) or (
@@ -425,6 +509,23 @@ class MemberCheckpoint(L.Callback):
 
 
 # ---------------------------------------------------------------------- configuration
+def check_fuse(fuse: Any) -> str | bool:
+    """``population.fuse``: ``"auto"``, ``True`` or ``False`` (Hydra reads ``true``/``false`` as
+    booleans; the strings are accepted too).
+
+    Raises:
+        ValueError: any other value.
+    """
+    if isinstance(fuse, str):
+        fuse = {"true": True, "false": False, "auto": "auto"}.get(fuse.lower(), fuse)
+    if not (fuse == "auto" or fuse is True or fuse is False):
+        raise ValueError(
+            f"population.fuse={fuse!r} must be auto, true or false (true: members whose students "
+            "share an architecture train as one network; auto: on CUDA only)"
+        )
+    return fuse
+
+
 def check_member_names(names: Sequence[str]) -> None:
     """Reject an empty population, duplicate names and names that are no folder or log prefix."""
     if not names:

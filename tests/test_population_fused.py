@@ -1,0 +1,192 @@
+"""Fused population members: students of one architecture trained as one network.
+
+``fixtures/golden_population.json`` holds a looped population's weights and BatchNorm statistics
+after a few SGD steps on fixed batches, recorded before fused members existed
+(``python tests/test_population_fused.py --record``). The looped path must keep reproducing them;
+the fused path must reproduce the looped one (the forward bit for bit, the weights after several
+steps to float rounding).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from gompertz_kd.config import CONFIG_DIR
+from gompertz_kd.module import DistillationModule
+from gompertz_kd.fused import FusedStudents
+from gompertz_kd.population import PopulationModule
+
+GOLDEN = Path(__file__).parent / "fixtures" / "golden_population.json"
+STEPS = 3
+NUM_CLASSES = 10
+# name -> method config; gkd_gm needs the teacher's input gradient (a double backward: looped)
+MEMBERS = {"kd": "kd", "gkd": "gkd", "fitnet": "fitnet", "gm": "gkd_gm", "alone": "student"}
+
+
+def _objective(method: str):
+    from gompertz_kd.train import build_objective
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return build_objective(compose("train", overrides=[f"method={method}"]))
+
+
+def build_members(names=tuple(MEMBERS), student: str = "resnet8") -> dict[str, DistillationModule]:
+    """Members on the CPU pair, each initialised from its own seed; one random teacher."""
+    members = {}
+    for seed, name in enumerate(names):
+        objective = _objective(MEMBERS[name])
+        torch.manual_seed(100 + seed)
+        members[name] = DistillationModule(
+            student=student,
+            teacher="resnet20" if objective.terms else None,
+            num_classes=NUM_CLASSES,
+            objective=objective,
+            lr=0.01,
+        )
+    teachers = [m.teacher for m in members.values() if m.teacher is not None]
+    calibrate(teachers[0])
+    for t in teachers[1:]:
+        t.load_state_dict(teachers[0].state_dict())
+    return members
+
+
+@torch.no_grad()
+def calibrate(teacher: torch.nn.Module) -> None:
+    """BatchNorm statistics of the random teacher from two random batches, so that its logits
+    have the scale of a trained network's (a random network's explode, and so would rounding)."""
+    for m in teacher.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    teacher.train()
+    g = torch.Generator().manual_seed(99)
+    for _ in range(2):
+        teacher(torch.randn(16, 3, 32, 32, generator=g))
+    teacher.eval()
+
+
+def batches(n: int = STEPS, size: int = 8):
+    g = torch.Generator().manual_seed(11)
+    return [
+        (torch.randn(size, 3, 32, 32, generator=g), torch.randint(0, NUM_CLASSES, (size,), generator=g))
+        for _ in range(n)
+    ]
+
+
+def train_steps(population: PopulationModule, data) -> None:
+    """The population's step without Lightning: weights from progress, the members' losses (the
+    teacher once), one backward of their sum, one SGD step."""
+    optimizer = population.configure_optimizers()["optimizer"]
+    population.train()
+    for step, (images, targets) in enumerate(data):
+        for member in population.members.values():
+            member.set_progress(0.3 + 0.2 * step)
+        optimizer.zero_grad(set_to_none=True)
+        losses = population.member_losses(images, targets, step)
+        total = sum(population.members[n].weighted_total(t) for n, (_, t, _) in losses.items())
+        total.backward()
+        optimizer.step()
+
+
+def digest(population: PopulationModule) -> dict[str, dict[str, list[float]]]:
+    """Per member, per student parameter and buffer: its sum and its sum of squares (float64)."""
+    out = {}
+    for name, member in population.members.items():
+        state = member.student.state_dict()
+        out[name] = {
+            k: [float(v.double().sum()), float(v.double().square().sum())] for k, v in state.items()
+        }
+    return out
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Reductions split over threads round differently: the golden values are single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def looped_population() -> PopulationModule:
+    population = PopulationModule(build_members(), fuse=False)
+    train_steps(population, batches())
+    return population
+
+
+def test_looped_population_reproduces_its_recorded_weights():
+    expected = json.loads(GOLDEN.read_text())
+    got = digest(looped_population())
+    assert set(got) == set(expected)
+    for name in expected:
+        assert set(got[name]) == set(expected[name]), name
+        for key, values in expected[name].items():
+            assert got[name][key] == pytest.approx(values, rel=1e-5, abs=1e-6), (name, key)
+
+
+if __name__ == "__main__" and "--record" in sys.argv:
+    torch.set_num_threads(1)
+    GOLDEN.write_text(json.dumps(digest(looped_population()), indent=1) + "\n")
+
+
+def test_fused_forward_and_batchnorm_statistics_equal_each_members_own():
+    members = build_members(("kd", "gkd", "fitnet"))
+    students = [m.student for m in members.values()]
+    alone = [copy.deepcopy(s) for s in students]
+    fused = FusedStudents(students)
+    images = members["kd"]._format(batches(1)[0][0])
+    outs = fused(images)
+    for own, out in zip(alone, outs, strict=True):
+        want = own.forward_stages(images)
+        assert torch.equal(want.logits, out.logits) and torch.equal(want.pooled, out.pooled)
+        assert all(torch.equal(a, b) for a, b in zip(want.features, out.features, strict=True))
+    for own, student in zip(alone, students, strict=True):
+        want, got = own.state_dict(), student.state_dict()
+        assert all(torch.equal(want[k], got[k]) for k in want)  # running statistics moved alike
+        assert int(got["bn1.num_batches_tracked"]) == 1
+
+
+def test_fused_population_trains_as_the_looped_one():
+    """Same members, fused and looped, three SGD steps: the forward is bit-equal, the gradients
+    of grouped convolutions differ in the last bits, so weights agree to float rounding; the
+    gradient-matching member stays looped and ends bit-equal."""
+    looped = looped_population()
+    fused = PopulationModule(build_members(), fuse=True)
+    train_steps(fused, batches())
+    assert [names for names, _ in fused._fused] == [["kd", "gkd", "fitnet", "alone"]]
+    for name in MEMBERS:
+        want = looped.members[name].state_dict()
+        got = fused.members[name].state_dict()
+        assert set(want) == set(got)
+        for key in want:
+            if name == "gm":
+                assert torch.equal(want[key], got[key]), (name, key)
+            else:
+                torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("fuse", ["yes", 1, None, "fused"])
+def test_bad_fuse_value_is_refused(fuse):
+    with pytest.raises(ValueError, match="population.fuse=.* must be auto, true or false"):
+        PopulationModule(build_members(("kd", "alone")), fuse=fuse)
+
+
+def test_fuse_true_refuses_students_whose_forward_mixes_channels():
+    """ShuffleNetV2 splits and shuffles channels: widened, its members' blocks would mix."""
+    members = build_members(("kd", "gkd"), student="ShuffleV2")
+    population = PopulationModule(members, fuse=True)
+    population.train()
+    images, targets = batches(1)[0]
+    with pytest.raises(ValueError, match="cannot run as one network"):
+        population.member_losses(images, targets, 0)
+    auto = PopulationModule(build_members(("kd", "gkd"), student="ShuffleV2"), fuse="auto")
+    auto.train()
+    auto.member_losses(images.to("cpu"), targets, 0)  # on the CPU auto loops: no check, no error
+    assert auto._fused == []
