@@ -134,7 +134,8 @@ class DistillationModule(L.LightningModule):
             every ``k``-th step, at the end of an epoch and before any checkpoint is saved, so
             the device runs ahead of the host instead of waiting for it each step (the step's
             only host synchronisation); a non-finite loss then stops the run within ``k`` steps,
-            and no checkpoint is written after it.
+            and no checkpoint is written after it. The step's loss is then not shown on the
+            progress bar (a progress bar reads it every step).
 
     The training forward :meth:`compute_losses` returns ``(student_logits, {"loss_ce": ...,
     "loss_<term>": ..., ...}, teacher_logits)``; the total is the weighted sum of that dict.
@@ -315,6 +316,7 @@ class DistillationModule(L.LightningModule):
         step: int | None = None,
         indices: Tensor | None = None,
         teacher: tuple[StageOutput, Tensor | None] | None = None,
+        student: StageOutput | None = None,
     ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
         """One training forward: student (and teacher) on a batch, every term that is due.
 
@@ -327,6 +329,9 @@ class DistillationModule(L.LightningModule):
             teacher: the teacher's ``(outputs, input_gradient)`` on this batch, computed already
                 by :meth:`teacher_forward` (a population shares one teacher pass among its
                 members); ``None`` runs the teacher here.
+            student: the student's outputs on this batch, computed already (a population's
+                fused members, :mod:`gompertz_kd.fused`; not with an input-gradient term due,
+                which differentiates the student's forward itself); ``None`` runs it here.
 
         Returns:
             ``(student_logits, terms, teacher_logits)``: logits ``(N, K)``; ``terms`` maps
@@ -350,7 +355,7 @@ class DistillationModule(L.LightningModule):
         # autocast too) run in gm_precision on the steps an input-gradient term is due.
         gm_precision = self.gm_precision if input_grad else None
         with self._precision(images, None if subset else gm_precision):
-            student_out = self.student.forward_stages(images)
+            student_out = self.student.forward_stages(images) if student is None else student
         terms = {"loss_ce": F.cross_entropy(student_out.logits, targets)}
         if not due:
             return student_out.logits, terms, None
@@ -558,13 +563,9 @@ class DistillationModule(L.LightningModule):
         # (images, targets), or (images, targets, indices) from a data module asked for indices
         images, targets, *rest = batch
         indices = rest[0] if rest else None
-        if self._compiled_step is not None:
-            logits, terms, teacher_logits, total = self._run_compiled_step(images, targets, indices)
-        else:
-            logits, terms, teacher_logits = self.compute_losses(
-                images, targets, self.global_step, indices
-            )
-            total = self.weighted_total(terms)
+        logits, terms, teacher_logits, total = self.step_losses(
+            images, targets, self.global_step, indices
+        )
         batch_size = targets.shape[0]
         if self.sync_every > 1:
             self._defer_finite_check(total)
@@ -573,7 +574,9 @@ class DistillationModule(L.LightningModule):
             not bool(torch.isfinite(total)), all=False
         ):
             return self._non_finite(terms)
-        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        # A progress bar reads its values on the host every step: with sync_every > 1 the
+        # step's loss stays off it (it is logged as usual), so that nothing waits for the device.
+        self.log("train/loss", total, prog_bar=self.sync_every == 1, batch_size=batch_size)
         self.log_dict(self.step_values(terms), batch_size=batch_size)
         self.train_metrics.update(logits.detach(), targets)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=batch_size)
@@ -672,9 +675,15 @@ class DistillationModule(L.LightningModule):
             return
         self._compiled_step = torch.compile(self.step_forward, **compile_kwargs)
 
-    def _run_compiled_step(
-        self, images: Tensor, targets: Tensor, indices: Tensor | None
+    def step_losses(
+        self, images: Tensor, targets: Tensor, step: int | None, indices: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor], Tensor | None, Tensor]:
+        """A training step's losses, through the compiled step after :meth:`compile_step`:
+        ``(student_logits, terms, teacher_logits, total)`` as :meth:`compute_losses` and
+        :meth:`weighted_total` give them."""
+        if self._compiled_step is None:
+            logits, terms, teacher_logits = self.compute_losses(images, targets, step, indices)
+            return logits, terms, teacher_logits, self.weighted_total(terms)
         if self.teacher is not None and self.objective.terms:
             self._teacher_runner(images.device)  # checked and rebuilt here, not in the graph
         self._runner_checked = True

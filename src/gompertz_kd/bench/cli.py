@@ -32,6 +32,7 @@ from gompertz_kd.bench.population import (
     PopulationRow,
     population_rows,
 )
+from gompertz_kd.bench.recipe import recipe_lines, recipe_section
 from gompertz_kd.bench.render import (
     estimate_lines,
     render,
@@ -118,7 +119,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sections",
         default=",".join(DEFAULT_SECTIONS),
-        help=f"comma-separated, from {','.join(SECTIONS)} (default: all but throughput)",
+        help=f"comma-separated, from {','.join(SECTIONS)} (default: all but throughput and recipe)",
     )
     parser.add_argument(
         "--methods",
@@ -142,6 +143,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="with --population: the largest K also timed as single steps (the ratio)",
     )
     parser.add_argument("--compile", action="store_true", help="run the torch.compile parts")
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode of the recipe section's compiled steps (reduce-overhead: CUDA "
+        "graphs)",
+    )
+    parser.add_argument(
+        "--recipe-compile",
+        default=None,
+        help="recipe section: the rows to compile as well, comma-separated leading words of "
+        "their names (default with --compile: every row)",
+    )
     parser.add_argument("--epochs", type=int, default=240)
     parser.add_argument(
         "--train-images",
@@ -243,6 +256,21 @@ def main(argv: Sequence[str] | None = None) -> str:
                 estimate = estimate_lines(res, args.epochs, args.train_images, args.test_images)
                 sections["throughput"][batch] = (res, estimate)
                 print("\n".join(results_table(res) + estimate), flush=True)
+        if "recipe" in args.section_list:
+            budget(0.95)
+            _progress("recipe")
+            compile_rows = args.recipe_compile.split(",") if args.recipe_compile else None
+            sections["recipe"] = recipe_section(
+                setup,
+                args.repeats,
+                args.epochs,
+                args.train_images,
+                args.test_images,
+                compile_rows if args.compile else [],
+                args.compile_mode,
+                memory,
+            )
+            print("\n".join(recipe_lines(sections["recipe"])), flush=True)
         if memory:
             _progress("peak memory")
             probe = PeakMemory(device)
@@ -250,7 +278,11 @@ def main(argv: Sequence[str] | None = None) -> str:
                 result.peak_mib = probe(fn)
     steps = sections.get("steps")
     sections["targets"] = targets(
-        steps[0] if steps else None, steps[1] if steps else None, sections.get("data"), setup
+        steps[0] if steps else None,
+        steps[1] if steps else None,
+        sections.get("data"),
+        setup,
+        sections["compile"][1] if "compile" in sections else None,
     )
     report = render(
         args, setup, sections, (load_before, os.getloadavg()[0]), time.perf_counter() - start

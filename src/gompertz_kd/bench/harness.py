@@ -35,7 +35,9 @@ from gompertz_kd.schedules import Gompertz
 _GOMPERTZ_CNN_ARGS = set(inspect.signature(gompertz_cnn).parameters)
 
 
-SECTIONS = ("steps", "methods", "population", "accuracy", "data", "compile", "throughput")
+SECTIONS = (
+    "steps", "methods", "population", "accuracy", "data", "compile", "throughput", "recipe",
+)  # fmt: skip
 DEFAULT_SECTIONS = ("steps", "methods", "population", "accuracy", "data", "compile")
 # the methods section: one config per method; the ratios are to the baseline's step, and the
 # student alone is no distillation method (no teacher, nothing to compare)
@@ -119,6 +121,7 @@ class RatioName:
     TWO_PASS_SPEEDUP = "speed-up of two-pass channel statistics"
     BF16_KD_STEP = "speed-up of bf16 teacher, KD step"
     CHANNELS_LAST_KD_STEP = "speed-up of channels_last + folding, KD step"
+    COMPILED_VS_EAGER = "compiled KD step / eager KD step"
     # from the data section: the fastest data path's images/s over the fastest training step's
     DATA_HEADROOM = "data path images/s / fastest training step images/s"
 
@@ -404,8 +407,7 @@ class PlainLoop:
         module.set_progress((self.step_index % 1000) / 1000)
         self.optimizer.zero_grad(set_to_none=True)
         with self.setup.autocast():
-            _, terms, _ = module.compute_losses(images, targets, self.step_index, indices)
-            total = module.weighted_total(terms)
+            total = module.step_losses(images, targets, self.step_index, indices)[3]
         total.backward()
         self.optimizer.step()
         self.last_total = total.detach()
