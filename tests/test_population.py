@@ -202,7 +202,7 @@ def test_population_configs_compose_their_members():
     for name in POPULATION_CONFIGS:
         cfg = compose_cfg([f"population={name}"])
         members = member_names(cfg.population)
-        assert len(members) >= 4 and all(o for o, _ in members.values())
+        assert len(members) >= 3 and all(o for o, _ in members.values())
     cfg = compose_cfg(["population=schedules_kd", "population.seeds=[0,1,2]"])
     assert len(member_names(cfg.population)) == 12
     assert OmegaConf.select(cfg, "population.name") == "schedules_kd"
@@ -218,7 +218,8 @@ def test_every_population_config_composes_and_builds_its_members(name):
     cfg = compose_cfg(overrides)
     members = compose_members(cfg, overrides)
     objectives = {n: check_config(c) for n, (c, _) in members.items()}
-    assert len(set(map(repr, (o.weights_at(0.05) for o in objectives.values())))) > 1
+    if len(cfg.population.members) > 1:  # one member replicated over seeds: one objective
+        assert len(set(map(repr, (o.weights_at(0.05) for o in objectives.values())))) > 1
 
 
 def test_cli_population_multirun_writes_every_member_of_every_job(tiny_c10, cache, tmp_path):

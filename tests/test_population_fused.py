@@ -75,7 +75,10 @@ def calibrate(teacher: torch.nn.Module) -> None:
 def batches(n: int = STEPS, size: int = 8):
     g = torch.Generator().manual_seed(11)
     return [
-        (torch.randn(size, 3, 32, 32, generator=g), torch.randint(0, NUM_CLASSES, (size,), generator=g))
+        (
+            torch.randn(size, 3, 32, 32, generator=g),
+            torch.randint(0, NUM_CLASSES, (size,), generator=g),
+        )
         for _ in range(n)
     ]
 

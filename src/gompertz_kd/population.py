@@ -50,7 +50,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
@@ -70,6 +71,21 @@ from gompertz_kd.fused import FusedStudents, fusable, student_signature
 from gompertz_kd.module import DistillationModule, NonFiniteLossError
 from gompertz_kd.objectives import Need
 from gompertz_kd.run_files import HISTORY_FILE, RESULTS_FILE
+from gompertz_kd.run_parts import (
+    TrainingRun,
+    build,
+    build_module,
+    build_trainer,
+    check_config,
+    fit,
+    git_commit,
+    instantiate_group,
+    resume_checkpoint,
+    task_overrides,
+    write_json_atomically,
+)
+from gompertz_kd.teachers import provision_teacher
+from gompertz_kd.train import run_training
 
 __all__ = [
     "MEMBERS_DIR",
@@ -122,7 +138,9 @@ class PopulationModule(L.LightningModule):
             or a ``fuse`` that is none of ``"auto"``, ``True``, ``False``.
     """
 
-    def __init__(self, members: Mapping[str, DistillationModule], fuse: str | bool = "auto") -> None:
+    def __init__(
+        self, members: Mapping[str, DistillationModule], fuse: str | bool = "auto"
+    ) -> None:
         super().__init__()
         self.fuse = check_fuse(fuse)
         members = dict(members)
@@ -675,54 +693,63 @@ def _check_same(members, name, keys, read, where) -> None:
 
 
 # ---------------------------------------------------------------------- the run
-def run_population(cfg: DictConfig, base_overrides: Sequence[str] | None = None):
+def run_population(
+    cfg: DictConfig,
+    base_overrides: Sequence[str] | None = None,
+    train_teacher: Callable[[DictConfig], Any] = run_training,
+) -> TrainingRun:
     """Train the population of ``cfg.population``; write each member's results and return a
-    :class:`~gompertz_kd.train.TrainingRun` whose ``results`` maps member names to theirs.
+    :class:`~gompertz_kd.run_parts.TrainingRun` whose ``results`` maps member names to theirs.
 
     ``base_overrides``: the overrides the members are composed from (default: the command line of
     the Hydra run; give them when composing the config yourself, e.g. in a notebook).
-    """
-    from gompertz_kd import train as single
+    ``train_teacher``: the run that trains a missing teacher (a single run of the teacher's
+    recipe). ``cfg.population.fuse`` (``auto``, default; ``true``; ``false``): see
+    :class:`PopulationModule`.
 
+    Raises:
+        ValueError: a bad population (members, names, seeds, ``fuse``), before any work.
+    """
+    fuse = check_fuse(cfg.population.get("fuse", "auto"))
     start = time.time()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if base_overrides is None:
-        if not single.HydraConfig.initialized():
+        if not HydraConfig.initialized():
             raise ValueError(
                 "a population composes its members from the run's overrides: run it with "
                 "`python -m gompertz_kd.run ... population=NAME`, or call "
                 "run_population(cfg, base_overrides=[...]) with the overrides cfg was composed from"
             )
-        base_overrides = single._task_overrides()
+        base_overrides = task_overrides()
     members_cfg = compose_members(cfg, base_overrides)
-    objectives = {name: single.check_config(member) for name, (member, _) in members_cfg.items()}
-    single.check_config(cfg)
-    resume = single._resume_checkpoint(cfg, output_dir)
+    objectives = {name: check_config(member) for name, (member, _) in members_cfg.items()}
+    check_config(cfg)
+    resume = resume_checkpoint(cfg, output_dir)
     distils = any(o.terms for o in objectives.values())
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = single.build(cfg.data)
+    datamodule = build(cfg.data)
     num_train_samples = None
     if any(Need.INDICES in o.needs for o in objectives.values()):
         datamodule.with_indices = True
         datamodule.setup("fit")
         num_train_samples = datamodule.num_train_samples
     provision_start = time.time()
-    teacher_ckpt = single.provision_teacher(cfg, single.run_training) if distils else None
+    teacher_ckpt = provision_teacher(cfg, train_teacher) if distils else None
     teacher_provision_s = time.time() - provision_start
 
     members: dict[str, DistillationModule] = {}
     for name, (member_cfg, seed) in members_cfg.items():
         # as a single run of this member: seeded, then built (the student's init, its parts')
         L.seed_everything(seed, workers=True)
-        members[name] = single.build_module(
+        members[name] = build_module(
             member_cfg,
             num_classes=datamodule.num_classes,
             teacher_ckpt=teacher_ckpt,
             objective=objectives[name],
             num_train_samples=num_train_samples,
         )
-    module = PopulationModule(members)
+    module = PopulationModule(members, fuse=fuse)
     if cfg.get("compile"):
         for member in members.values():
             member.compile_networks()
@@ -730,7 +757,7 @@ def run_population(cfg: DictConfig, base_overrides: Sequence[str] | None = None)
 
     callbacks = [
         c
-        for c in single._instantiate_group(cfg.get("callbacks"))
+        for c in instantiate_group(cfg.get("callbacks"))
         if not isinstance(c, GompertzWeightCallback)
     ]
     for c in callbacks:
@@ -740,28 +767,26 @@ def run_population(cfg: DictConfig, base_overrides: Sequence[str] | None = None)
     for name, (member_cfg, _) in members_cfg.items():
         node = (member_cfg.get("callbacks") or {}).get("gompertz_weight")
         if objectives[name].terms and node is not None:
-            callbacks.append(MemberWeightCallback(single.build(node), name))
+            callbacks.append(MemberWeightCallback(build(node), name))
     member_checkpoints = MemberCheckpoint(output_dir / MEMBERS_DIR)
     callbacks.append(member_checkpoints)
-    loggers = single._instantiate_group(cfg.get("logger"))
-    trainer = single.build_trainer(cfg, callbacks, loggers)
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer = build_trainer(cfg, callbacks, loggers)
     expected = module.state_dict()
     for prefix in module._teacher_copies():  # the shared teacher is saved once
         expected = {k: v for k, v in expected.items() if not k.startswith(prefix)}
-    single.fit(cfg, trainer, module, datamodule, loggers, resume, expected)
+    fit(cfg, trainer, module, datamodule, loggers, resume, expected)
 
     results = _member_results(
         cfg, members_cfg, trainer, module, datamodule, member_checkpoints, output_dir,
         start, teacher_provision_s,
     )  # fmt: skip
-    return single.TrainingRun(results=results, module=module, trainer=trainer)
+    return TrainingRun(results=results, module=module, trainer=trainer)
 
 
 def _member_results(
     cfg, members_cfg, trainer, module, datamodule, checkpoints, output_dir, start, provision_s
 ) -> dict[str, dict[str, Any]]:
-    from gompertz_kd import train as single
-
     names = list(module.members)
     final = _test_members(trainer, module, datamodule) if cfg.get("test") else {}
     best: dict[str, dict[str, Any]] = {}
@@ -799,7 +824,7 @@ def _member_results(
         results = {
             "status": "completed",
             "name": base,
-            "overrides": _recorded_overrides(single._task_overrides(), own),
+            "overrides": _recorded_overrides(task_overrides(), own),
             "seed": seed,
             "data_seed": int(cfg.seed),
             "dataset": cfg.data.dataset,
@@ -818,7 +843,7 @@ def _member_results(
             "wall_time_s": wall,
             "teacher_provision_s": provision_s,
             "train_images_per_s": timer.images_per_second if timer else None,
-            "git_commit": single._git_commit(),
+            "git_commit": git_commit(),
             "run_dir": str(member_dir),
             "population": {
                 "name": str(cfg.population.get("name") or "population"),
@@ -828,7 +853,7 @@ def _member_results(
             "config": OmegaConf.to_container(member_cfg, resolve=True),
         }
         if trainer.is_global_zero:
-            single._write_json_atomically(member_dir / RESULTS_FILE, results)
+            write_json_atomically(member_dir / RESULTS_FILE, results)
         out[name] = results
     log.info("Population of %d members written to %s", len(names), output_dir / MEMBERS_DIR)
     return out
