@@ -42,6 +42,9 @@ def cfg_for(root, out, *extra):
         ("data.dataset=cifar1000", ValueError, "dataset='cifar1000' is not one of"),
         ("data=cifar100", ValueError, "do not match dataset='cifar100'"),
         ("teacher.auto_train=false", FileNotFoundError, "teacher.auto_train=false"),
+        ("compile=graph", ValueError, "compile='graph' must be one of false, true"),
+        ("model.sync_every=0", ValueError, "sync_every must be an integer >= 1"),
+        ("model.gm_fraction=0", ValueError, "gm_fraction must be a number in"),
     ],
 )
 def test_bad_value_is_named_and_leaves_no_results(tiny_c10, tmp_path, override, error, match):

@@ -597,3 +597,13 @@ def test_folded_bf16_teacher_on_cuda_follows_the_device_move():
     assert all(torch.isfinite(v) for v in terms.values())
     module.weighted_total(terms).backward()
     assert all(p.grad is None for p in module.teacher.parameters())
+
+
+def test_apply_compile_follows_the_runs_setting():
+    module = small_module()
+    module.apply_compile(False)
+    assert module._compiled_step is None and module._compile_kwargs is None
+    module.apply_compile("step")
+    assert module._compiled_step is not None
+    with pytest.raises(ValueError, match="compile must be one of"):
+        small_module().apply_compile("graph")

@@ -41,6 +41,7 @@ from gompertz_kd.objectives import (
 from gompertz_kd.schedules import Stage
 
 __all__ = [
+    "COMPILE_SETTINGS",
     "TEACHER_PRECISIONS",
     "DistillationModule",
     "NonFiniteLossError",
@@ -48,6 +49,8 @@ __all__ = [
     "fold_batchnorm",
 ]
 
+# The run's `compile` setting: nothing, the networks, or the whole step's forward as one graph.
+COMPILE_SETTINGS = (None, False, True, "networks", "step")
 # Precision of the teacher's passes: None follows the trainer's autocast.
 TEACHER_PRECISIONS = (None, "32", "bf16")
 
@@ -810,6 +813,21 @@ class DistillationModule(L.LightningModule):
         ):
             return []
         return [GompertzWeightCallback()]
+
+    def apply_compile(self, setting: bool | str | None, **compile_kwargs: Any) -> None:
+        """The run's ``compile`` setting (:data:`COMPILE_SETTINGS`): ``"step"``
+        :meth:`compile_step`; ``True`` or ``"networks"`` :meth:`compile_networks`; ``False`` /
+        ``None`` nothing.
+
+        Raises:
+            ValueError: another value, named.
+        """
+        if setting not in COMPILE_SETTINGS:
+            raise ValueError(f"compile must be one of {COMPILE_SETTINGS}, got compile={setting!r}")
+        if setting == "step":
+            self.compile_step(**compile_kwargs)
+        elif setting:
+            self.compile_networks(**compile_kwargs)
 
     def compile_networks(self, **compile_kwargs: Any) -> None:
         """``torch.compile`` the hot path: the student's and the teacher's ``forward_stages``.

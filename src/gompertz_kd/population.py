@@ -751,6 +751,7 @@ def run_population(
         )
     module = PopulationModule(members, fuse=fuse)
     if cfg.get("compile"):
+        # the population's own step drives the members, so compile=step compiles their networks
         for member in members.values():
             member.compile_networks()
     L.seed_everything(cfg.seed, workers=True)

@@ -37,7 +37,7 @@ from gompertz_kd.config import ROOT_DIR
 from gompertz_kd.data.sources import DATASETS
 from gompertz_kd.models import list_models
 from gompertz_kd.models.registry import TIMM_PREFIX
-from gompertz_kd.module import DistillationModule
+from gompertz_kd.module import COMPILE_SETTINGS, DistillationModule
 from gompertz_kd.objectives import SHARED, Objective
 
 __all__ = [
@@ -188,6 +188,11 @@ def check_config(cfg: DictConfig) -> Objective:
             problems.append(f"teacher.recipe.max_epochs={recipe.max_epochs} must be >= 1")
         if not recipe.batch_size >= 1:
             problems.append(f"teacher.recipe.batch_size={recipe.batch_size} must be >= 1")
+    if cfg.get("compile") not in COMPILE_SETTINGS:
+        problems.append(
+            f"compile={cfg.get('compile')!r} must be one of false, true (the networks), "
+            "networks or step (the whole step's forward as one graph)"
+        )
     problems += _device_problems(cfg.trainer)
     if problems:
         raise ValueError("invalid configuration: " + "; ".join(problems))

@@ -183,7 +183,8 @@ def _teacher_run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
         teacher_cfg.ckpt_path = None
         teacher_cfg.population = None  # a population's teacher is one single run
         teacher_cfg.test = True
-        teacher_cfg.compile = False
+        # the teacher's own training gets the whole-step compile when the run asks for it
+        teacher_cfg.compile = "step" if cfg.get("compile") == "step" else False
         teacher_cfg.paths.output_dir = str(run_dir)
         teacher_cfg.data.seed = int(recipe.seed)
         teacher_cfg.data.batch_size = int(recipe.batch_size)

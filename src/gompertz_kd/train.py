@@ -142,7 +142,7 @@ def run_training(cfg: DictConfig) -> TrainingRun:
         num_train_samples=num_train_samples,
     )
     if cfg.get("compile"):
-        module.compile_networks()
+        module.apply_compile(cfg.compile)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)

@@ -152,7 +152,11 @@ def recipe_section(
         module.compile_step(**kwargs)
         loop = PlainLoop(setup, module)
         eager_seconds = timed(loops[(row.name, "eager")], setup.device)()
-        first = timed(loop, setup.device)()
+        try:
+            first = timed(loop, setup.device)()
+        except Exception as error:  # a compiler failure is a finding of the run, not its end
+            row.note = f"compile failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+            continue
         row.compile_seconds = max(first - eager_seconds, 0.0)
         loops[(row.name, "compiled")] = loop
     cases = [
