@@ -58,7 +58,11 @@ def accuracy_section(setup: Setup, fd_steps: Sequence[float]) -> list[tuple[str,
     ]
     kd32 = losses.kd_loss(student_logits, out32.logits, 4.0)
     if setup.device.type == "cpu" or torch.cuda.is_bf16_supported():
-        bf16 = setup.module(wd_scale=1.0, gm_scale=1.0, gm_every=1, teacher_precision="bf16")
+        # gm_precision=None: the input-gradient pass in the teacher's precision too (the default
+        # "32" would keep it, and so every row below, in fp32)
+        bf16 = setup.module(
+            wd_scale=1.0, gm_scale=1.0, gm_every=1, teacher_precision="bf16", gm_precision=None
+        )
         out16, grad16 = bf16.teacher_forward(images, targets, input_gradient=True)
         kd16 = losses.kd_loss(student_logits, out16.logits, 4.0)
         x = images.detach().requires_grad_(True)
@@ -141,13 +145,27 @@ def gm_fraction_rows(
     mean of those estimates over the batch's disjoint parts (what is left once the sampling
     noise averages out: BatchNorm's statistics over a part instead of the batch)."""
     f = setup.gm_fraction
+    out = []
+    exact = setup.module(
+        wd_scale=1.0, gm_scale=1.0, gm_every=1, teacher_precision="32", gm_precision=None
+    )
+    exact.student.eval()  # images no longer coupled through BatchNorm's batch statistics
+    uncoupled = gm_gradient(exact, autocast=False)
+    out.append(
+        (
+            "gradient matching with the student's BatchNorm on running statistics (eval mode) "
+            "against batch statistics (train mode, the objective): student gradient of loss_gm, "
+            "cosine / relative L2 error",
+            f"{_cosine(uncoupled, reference):.4f} / {_relative(uncoupled, reference):.1e}",
+        )
+    )
     module = setup.module(
         wd_scale=1.0, gm_scale=1.0, gm_every=1, teacher_precision="32", gm_precision=None,
         gm_fraction=f,
     )  # fmt: skip
     rows_per_part = module.gm_rows(batch)
     one = gm_gradient(module, autocast=False)
-    out = [
+    out += [
         (
             f"gradient matching on {f:g} of the batch ({rows_per_part} of {batch} images) against "
             "every image: student gradient of loss_gm, cosine / relative L2 error",
