@@ -285,3 +285,18 @@ def test_built_network_with_the_data_sets_class_count_is_accepted():
     student, teacher = create_model("resnet8", 10), create_model("resnet14", 10)
     module = DistillationModule(student=student, teacher=teacher, num_classes=10)
     assert module.student is student
+
+
+@pytest.mark.parametrize(("compile_setting", "teacher_compile"), [("step", "step"), (True, False)])
+def test_the_teachers_own_run_takes_the_whole_step_compile(
+    tmp_path, compile_setting, teacher_compile
+):
+    from gompertz_kd.teachers import _teacher_run_config
+
+    cfg = cfg_for(
+        tmp_path, tmp_path, f"compile={str(compile_setting).lower()}", "model.sync_every=7"
+    )
+    teacher_cfg = _teacher_run_config(cfg, tmp_path / "teacher")
+    assert teacher_cfg.compile == teacher_compile
+    assert teacher_cfg.model.sync_every == 7  # the run's step settings reach the teacher's run
+    assert teacher_cfg.model.teacher is None and teacher_cfg.model.student == cfg.model.teacher
