@@ -157,6 +157,7 @@ def test_members_write_what_single_runs_write_and_the_report_reads_them(tiny_c10
         ("{a: ['method=kd']}", ["+population.seeds=[0,0]"], "repeats a seed"),
         ("{a: ['method=kd'], b: ['data=cifar100']}", [], "member 'b' changes data"),
         ("{a: ['method=kd'], b: ['seed=3']}", [], "a member's seed comes from population.seeds"),
+        ("{a: ['method=kd'], b: ['method=dkd']}", ["+population.fuse=yes"], "must be auto, true"),
     ],
 )
 def test_bad_populations_fail_before_any_work(tiny_c10, tmp_path, members, extra, message):

@@ -212,9 +212,11 @@ class FusedStudents:
         return StageOutput(*(_block(value, k, self.k) for value in out))
 
     @torch.no_grad()
-    def check(self, images: Tensor, atol: float = 1e-5) -> str | None:
+    def check(self, images: Tensor, rtol: float = 1e-2) -> str | None:
         """``None`` when the fused forward matches every member's own on ``images`` (eval mode:
-        no statistics move), else what differs. Catches forwards that mix channels."""
+        no statistics move) to ``rtol`` of each output's largest value, else what differs. A
+        forward that mixes members' channels is off by the values' own size; grouped and
+        separate convolutions differ by far less (TF32 convolutions on GPUs included)."""
         modes = [s.training for s in self.students]
         try:
             for s in self.students:
@@ -227,7 +229,10 @@ class FusedStudents:
                 own = student.forward_stages(images)
                 for field, a, b in zip(own._fields, own, fused[k], strict=True):
                     for x, y in zip(_leaves(a), _leaves(b), strict=True):
-                        if x.shape != y.shape or not torch.allclose(x, y, atol=atol, rtol=1e-4):
+                        scale = float(x.abs().max()) if x.numel() else 0.0
+                        if x.shape != y.shape or not torch.allclose(
+                            x, y, rtol=rtol, atol=rtol * scale
+                        ):
                             return f"member {k}'s {field} differ from its own forward's"
         finally:
             for s, mode in zip(self.students, modes, strict=True):

@@ -8,6 +8,10 @@ Members come from a ``conf/population`` config (each built as a training run bui
 with seed replicas up to the size asked (K = 18 from the six-member paper table is each member
 three times). Peak memory per extra member: (population peak - one member's single-step peak)
 / (K - 1).
+
+Beside it, the same population with its fused members (``PopulationModule(fuse=True)``: the
+students of one architecture as one network, :mod:`gompertz_kd.fused`; members with gradient
+matching stay looped) is timed in the same rounds; *fused / looped* is taken within each round.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from gompertz_kd.config import CONFIG_DIR
 from gompertz_kd.module import DistillationModule
 from gompertz_kd.objectives import Need
 from gompertz_kd.population import PopulationModule, member_names
-from gompertz_kd.train import build_objective
+from gompertz_kd.run_parts import build_objective
 
 __all__ = [
     "POPULATION_CASES",
+    "fused_ratio_name",
     "PopulationCase",
     "PopulationRow",
     "population_rows",
@@ -72,6 +77,19 @@ class PopulationRow:
     single_peak: Any = None  # bench.Result of the first member's single step (memory)
     target: float | None = None
     notes: list[str] = field(default_factory=list)
+    fused: Any = None  # bench.Result of the population step with fused members, None if none fuse
+    fused_members: list[str] = field(default_factory=list)
+    fused_ratio: tuple[float, float, float] | None = None  # fused / looped step, per round
+    student: str = ""
+
+    @property
+    def fused_ratio_name(self) -> str:
+        return fused_ratio_name(self.student, len(self.members))
+
+
+def fused_ratio_name(student: str, size: int) -> str:
+    """The name a fused / looped population ratio is stated under (and its target reads)."""
+    return f"fused / looped population step, K = {size} {student} members"
 
 
 class PopulationLoop:
@@ -155,12 +173,29 @@ def population_rows(
                     )
                 )
         # the members' own modules serve the population too: its step trains the same weights
-        population = PopulationModule(modules)
+        population = PopulationModule(modules, fuse=False)
         loop = PopulationLoop(
             setup, population, bench._forever(setup.tensor_loader(with_indices=with_indices))
         )
         label = f"population K={size}"
         cases.append(bench.Case(label, bench.timed(loop, setup.device), setup.batch, memory=loop))
+        # and the same members fused (those of one architecture without gradient matching)
+        fused_population = PopulationModule(modules, fuse=True)
+        fused_loop, fused_label = None, f"fused population K={size}"
+        if fused_population.fusion_groups():
+            fused_loop = PopulationLoop(
+                setup,
+                fused_population,
+                bench._forever(setup.tensor_loader(with_indices=with_indices)),
+            )
+            cases.append(
+                bench.Case(
+                    fused_label,
+                    bench.timed(fused_loop, setup.device),
+                    setup.batch,
+                    memory=fused_loop,
+                )
+            )
         results = bench.run_round_robin(cases, repeats, warmup, setup.deadline)
         memory.append((results[label], loop))
         row = PopulationRow(
@@ -171,7 +206,15 @@ def population_rows(
             singles=None,
             ratio=None,
             target=case.target if size == max(case.sizes) else None,
+            student=setup.student,
         )
+        if fused_loop is not None:
+            row.fused = results[fused_label]
+            memory.append((row.fused, fused_loop))
+            row.fused_members = [n for names, _ in fused_population._fused or [] for n in names]
+            row.fused_ratio = bench.summarize(
+                [f / p for f, p in zip(row.fused.seconds, results[label].seconds, strict=True)]
+            )
         if compare:
             per_round = [
                 sum(results[f"single {n}"].seconds[i] for n in modules)
@@ -194,8 +237,9 @@ def population_rows(
 def population_table(rows: Sequence[PopulationRow]) -> list[str]:
     lines = [
         "| pair | K | members | population ms/step | Σ single steps ms | population / Σ singles "
-        "(median, min–max) | target | member-images/s | peak MiB | MiB per extra member |",
-        "|---|---:|---|---:|---:|---:|---|---:|---:|---:|",
+        "(median, min–max) | target | member-images/s | peak MiB | MiB per extra member "
+        "| fused members | fused ms/step | fused / looped (median, min–max) |",
+        "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         k = len(row.members)
@@ -222,6 +266,16 @@ def population_table(rows: Sequence[PopulationRow]) -> list[str]:
         lines.append(
             f"| {row.pair} | {k} | {shown} | {ms:.0f} | {singles} | {ratio} | {target} | "
             f"{k * row.result.images_per_step / row.result.median:.0f} | "
-            f"{'n/a' if peak is None else f'{peak:.0f}'} | {extra} |"
+            f"{'n/a' if peak is None else f'{peak:.0f}'} | {extra} | {_fused_cells(row)} |"
         )
     return lines
+
+
+def _fused_cells(row: PopulationRow) -> str:
+    """``fused members | fused ms/step | fused / looped``: how many of the K fused."""
+    if row.fused is None or row.fused_ratio is None:
+        return "0 | — | —"
+    med, lo, hi = row.fused_ratio
+    return (
+        f"{len(row.fused_members)} | {row.fused.median * 1e3:.0f} | {med:.2f} ({lo:.2f}–{hi:.2f})"
+    )
