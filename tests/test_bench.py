@@ -190,3 +190,16 @@ def test_recipe_section_extrapolates_each_configuration_of_the_main_command():
         seconds = float(value) * {"s": 1, "min": 60, "h": 3600}[unit]
         # 2 epochs of 64 / 4 = 16 steps and 16 / 4 = 4 evaluation forwards each
         assert seconds > 2 * 16 * float(cells[3]) / 1000 * 0.99
+
+
+def test_profile_section_ranks_the_operators_of_each_profiled_step():
+    report = bench.main(TINY + ["--sections", "profile"])
+    section = report.split("### Where a step's time goes")[1]
+    for name in ("KD student", "Gompertz-CNN student, the experiment's default"):
+        assert f"**{name}**" in section
+    shares = [
+        float(r.split(" | ")[-1].rstrip(" %|")) for r in section.splitlines() if r.startswith("| `")
+    ]
+    assert shares and all(0 <= s <= 100 for s in shares)
+    # the gradient-matching step is profiled over a whole gm_every cycle of the experiment (4)
+    assert "**Gompertz-CNN student, the experiment's default**, 4 steps" in section

@@ -32,6 +32,7 @@ from gompertz_kd.bench.population import (
     PopulationRow,
     population_rows,
 )
+from gompertz_kd.bench.profile import profile_lines, profile_section
 from gompertz_kd.bench.recipe import recipe_lines, recipe_section
 from gompertz_kd.bench.render import (
     estimate_lines,
@@ -119,7 +120,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sections",
         default=",".join(DEFAULT_SECTIONS),
-        help=f"comma-separated, from {','.join(SECTIONS)} (default: all but throughput and recipe)",
+        help=f"comma-separated, from {','.join(SECTIONS)} (default: all but throughput, recipe "
+        "and profile)",
     )
     parser.add_argument(
         "--methods",
@@ -271,6 +273,10 @@ def main(argv: Sequence[str] | None = None) -> str:
                 memory,
             )
             print("\n".join(recipe_lines(sections["recipe"])), flush=True)
+        if "profile" in args.section_list:
+            _progress("profile")
+            sections["profile"] = profile_section(setup)
+            print("\n".join(profile_lines(sections["profile"])), flush=True)
         if memory:
             _progress("peak memory")
             probe = PeakMemory(device)

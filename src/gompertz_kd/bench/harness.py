@@ -37,6 +37,7 @@ _GOMPERTZ_CNN_ARGS = set(inspect.signature(gompertz_cnn).parameters)
 
 SECTIONS = (
     "steps", "methods", "population", "accuracy", "data", "compile", "throughput", "recipe",
+    "profile",
 )  # fmt: skip
 DEFAULT_SECTIONS = ("steps", "methods", "population", "accuracy", "data", "compile")
 # the methods section: one config per method; the ratios are to the baseline's step, and the

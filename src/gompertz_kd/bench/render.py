@@ -30,6 +30,7 @@ from gompertz_kd.bench.population import (
     fused_ratio_name,
     population_table,
 )
+from gompertz_kd.bench.profile import profile_lines
 from gompertz_kd.bench.recipe import recipe_lines
 from gompertz_kd.bench.sections import (
     methods_table,
@@ -323,6 +324,8 @@ def render(
             lines += [f"### End-to-end, batch {batch}", "", *results_table(res), "", *estimate, ""]
     if "recipe" in sections:
         lines += [*recipe_lines(sections["recipe"]), ""]
+    if "profile" in sections:
+        lines += profile_lines(sections["profile"])
     tg = [
         *(sections.get("targets") or []),
         *population_targets(sections.get("population"), setup.gm_every),
