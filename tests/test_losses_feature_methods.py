@@ -362,6 +362,33 @@ def test_kdsvd_loss_is_zero_for_identical_maps_refuses_unequal_widths_and_passes
     assert _gradcheck(lambda a, b: kdsvd_loss([a, b], targets), *inputs)
 
 
+def test_truncated_svd_gradient_is_finite_with_repeated_trailing_singular_values():
+    """Dead channels of a post-ReLU map repeat the singular value 0; the leading vectors are
+    still smooth functions of the map, and their gradient stays finite (torch.linalg.svd's own
+    backward divides by the differences of every pair of singular values)."""
+    torch.manual_seed(11)
+    x = torch.randn(2, 6, 4, 4, dtype=D).relu()
+    x[:, 3:] = 0.0  # three dead channels: singular values (..., 0, 0, 0)
+    x.requires_grad_(True)
+    weights = torch.randn(2, 6, 1, dtype=D)
+    vectors, _ = truncated_svd(x, 1)
+    (vectors * weights).abs().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    # and it is the true derivative where the map is generic (float64 gradcheck, r up to p)
+    generic = torch.randn(2, 5, 2, 2, dtype=D, requires_grad=True)
+
+    def signed(a, k):
+        v, s = truncated_svd(a, k)
+        return (
+            v
+            * torch.sign(v[:, :1]).detach()
+            * torch.randn(2, 5, k, dtype=D, generator=torch.Generator().manual_seed(1))
+        ).sum() + s.sum()
+
+    assert _gradcheck(lambda a: signed(a, 2), generic)
+    assert _gradcheck(lambda a: signed(a, 4), generic)  # every singular vector of a 4x5 matrix
+
+
 # ------------------------------------------------------------------ shared contract
 @pytest.mark.parametrize(
     "loss_of",

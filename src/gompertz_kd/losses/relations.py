@@ -134,12 +134,56 @@ def nst_loss(feature_s: Tensor, feature_t: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------ KDSVD
+class _LeadingSingular(torch.autograd.Function):
+    """The first ``r`` right singular vectors and singular values of a batch of matrices, with
+    a backward that uses only what they depend on.
+
+    ``torch.linalg.svd``'s own backward divides by ``s_i^2 - s_j^2`` for *every* pair, so a
+    matrix with a repeated singular value anywhere (a post-ReLU map with two dead channels has
+    two zeros) gets a non-finite gradient even when the loss reads only the leading vectors.
+    Here the derivative of ``v_i`` (``i < r``) is ``sum_j v_j v_j^T dG v_i / (l_i - l_j)`` over
+    the other singular pairs, plus the null space of ``X`` (``(I - V V^T) dG v_i / l_i``), with
+    ``G = X^T X``, ``l = s^2``; that of ``s_i`` is ``u_i^T dX v_i``. Pairs with ``l_i = l_j``
+    (up to rounding) are left out: there the vector is not a function of ``X``.
+    ``(N, m, n) -> ((N, n, r), (N, r))``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, r: int) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        v = vh.transpose(1, 2)
+        ctx.r = r
+        ctx.save_for_backward(x, u, s, v)
+        return v[:, :, :r], s[:, :r]
+
+    @staticmethod
+    def backward(ctx, grad_v: Tensor, grad_s: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        x, u, s, v = ctx.saved_tensors
+        r = ctx.r
+        lam = s.square()  # (N, p)
+        tol = torch.finfo(lam.dtype).eps * lam.amax(dim=1, keepdim=True).clamp_min(1e-30)
+        diff = lam[:, :r, None] - lam[:, None, :]  # (N, r, p): l_i - l_j
+        inverse = torch.where(diff.abs() > tol[:, :, None], 1.0 / diff, torch.zeros_like(diff))
+        v_r = v[:, :, :r]
+        a = v.transpose(1, 2) @ grad_v  # (N, p, r): v_j^T g_i
+        grad_g = v @ (inverse.transpose(1, 2) * a) @ v_r.transpose(1, 2)
+        lam_r = lam[:, :r]
+        inv_lam = torch.where(lam_r > tol, 1.0 / lam_r, torch.zeros_like(lam_r))
+        null = grad_v - v @ a  # the part of g_i outside the row space of X
+        grad_g = grad_g + (null * inv_lam[:, None, :]) @ v_r.transpose(1, 2)
+        grad_x = x @ (grad_g + grad_g.transpose(1, 2))
+        grad_x = grad_x + (u[:, :, :r] * grad_s[:, None, :]) @ v_r.transpose(1, 2)
+        return grad_x, None
+
+
 def truncated_svd(feature: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The first ``k`` right singular vectors and singular values of each image's map.
 
     Each map ``(C, H, W)`` is read as the matrix ``X`` ``(H*W, C)`` (positions x channels);
     ``X = U S V^T``. As the reference: non-finite entries are zeroed, each of the ``k`` vectors
-    is unit-normalised, and so is each image's vector of ``k`` singular values.
+    is unit-normalised, and so is each image's vector of ``k`` singular values. The gradient
+    stays finite when singular values other than the leading ``k`` repeat (dead channels of a
+    post-ReLU map), where ``torch.linalg.svd``'s, and so the reference's, is not.
 
     Args:
         feature: ``(N, C, H, W)``, with ``k <= min(H*W, C)``.
@@ -155,9 +199,7 @@ def truncated_svd(feature: Tensor, k: int) -> tuple[Tensor, Tensor]:
             f"k={k} singular vectors need maps with at least k positions and "
             f"channels, got {tuple(feature.shape)}"
         )
-    _, s, vh = torch.linalg.svd(x, full_matrices=False)
-    v = vh.transpose(1, 2)[:, :, :k]
-    s = s[:, :k]
+    v, s = _LeadingSingular.apply(x, k)
     v = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
     s = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
     return F.normalize(v, dim=1), F.normalize(s, dim=1)
