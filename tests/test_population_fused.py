@@ -257,3 +257,22 @@ def test_fused_population_run_checkpoints_and_resumes_like_the_looped_one(
         )
         assert all(torch.equal(want[k], got[k]) for k in want), name
         assert resumed.results[name]["test"] == fused.results[name]["test"]
+
+
+@pytest.mark.slow
+def test_bench_population_section_times_fused_against_looped():
+    """``--sections population`` with K = 4 resnet8 members: a fused / looped column, and the
+    fused population's target among the targets."""
+    from gompertz_kd import bench
+
+    argv = ["--teacher", "resnet20", "--student", "resnet8", "--num-classes", "10"]
+    argv += ["--batch", "4", "--device", "cpu", "--repeats", "2", "--warmup", "0"]
+    argv += ["--sections", "population", "--population", "schedules_kd"]
+    argv += ["--population-sizes", "4", "--population-singles", "0", "--train-images", "64"]
+    report = bench.main(argv)
+    row = next(r for r in report.splitlines() if r.startswith("| resnet20 → resnet8 | 4 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[-3] == "4" and float(cells[-2]) > 0  # all four fused, its ms/step
+    assert float(cells[-1].split(" (")[0]) > 0
+    target = next(r for r in report.split("### Targets")[1].splitlines() if "fused population" in r)
+    assert "K = 4 resnet8" in target and ("| met |" in target or "**not met**" in target)

@@ -36,6 +36,11 @@ reads members like runs. In the population's own log every name is prefixed by t
 optimiser and every member's weight-callback state, so ``ckpt_path=last`` resumes all members
 exactly.
 
+Members whose students share an architecture can train as one network (``population.fuse``:
+``auto``, the default, fuses on CUDA and loops on the CPU, where the fused network was measured
+slower; ``true``; ``false``): see :mod:`gompertz_kd.fused` and :class:`PopulationModule`. Fused or
+looped, each member keeps its own terms, weights, schedules, checkpoints and results.
+
 Members share the data order, so replicate seeds vary the initialisation only: their spread
 understates the seed-to-seed spread of independent runs, which also vary the data order.
 Networks with random layers (dropout) draw from one global random stream shared by all members, so

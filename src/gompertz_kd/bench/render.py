@@ -261,7 +261,10 @@ def render(
             "the summed losses, one SGD step) timed round-robin with each member's single-run "
             "step (its own teacher pass each), the ratio taken within each round. Members from "
             "`conf/population/<name>.yaml`, built as training runs build them (seed replicas "
-            "beyond its size). Member-images/s: K × batch / step time. See "
+            "beyond its size). Member-images/s: K × batch / step time. Fused: the same "
+            "population with the students of one architecture as one network "
+            "(`population.fuse=true`; members with gradient matching stay looped), timed in the "
+            "same rounds, the ratio to the looped step taken within each round. See "
             "`gompertz_kd.bench.population`.",
             "",
             *population_table(sections["population"]),
