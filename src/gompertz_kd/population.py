@@ -198,12 +198,18 @@ class PopulationModule(L.LightningModule):
         batch ``images``): each group's names and :class:`~gompertz_kd.fused.FusedStudents`.
 
         Raises:
-            ValueError: ``fuse=True`` and a group's fused forward does not match its members'.
+            ValueError: ``fuse=True`` and a group's fused forward does not match its members', or
+                compiled members.
         """
         if self._fused is not None:
             return self._fused
         fuse = self.fuse
         compiled = any(m._compile_kwargs is not None for m in self.members.values())
+        if fuse is True and compiled:
+            raise ValueError(
+                "population.fuse=true with compile=true: compiling compiles each member's student, "
+                "a fused group runs one eager network; set population.fuse=false or auto"
+            )
         if fuse == "auto":
             fuse = images.device.type == "cuda" and not compiled
         self._fused = []

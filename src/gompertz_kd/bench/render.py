@@ -347,8 +347,9 @@ def _rounds_run(sections: dict[str, Any]) -> str:
             "methods": lambda v: {row.method: row.result for row in v.rows},
             "data": lambda v: v,
             "compile": lambda v: v[1],
+            "population": lambda v: {row.population: row.result for row in v},
         }.get(name)
-        if results is not None:
+        if results is not None and results(value):
             first = next(iter(results(value).values()))
             counts.append(f"{name} {len(first.seconds)}")
     if "throughput" in sections:
