@@ -276,3 +276,36 @@ def test_bench_population_section_times_fused_against_looped():
     assert float(cells[-1].split(" (")[0]) > 0
     target = next(r for r in report.split("### Targets")[1].splitlines() if "fused population" in r)
     assert "K = 4 resnet8" in target and ("| met |" in target or "**not met**" in target)
+
+
+@pytest.mark.slow
+def test_fused_member_skipping_non_finite_batches_is_left_alone(tiny_c10, cache, tmp_path):
+    """model.nonfinite=skip: a fused member whose loss is never finite gets no update at all
+    (its weights stay as the looped run leaves them: no weight decay, no momentum), and the
+    member beside it trains on."""
+    from test_population import population
+
+    members = {
+        "ok": ["method=kd"],
+        "bad": ["method=kd", "method.mixing=additive", "method.terms.kd.scale=1e39"],
+    }
+    runs = {
+        fuse: population(
+            tiny_c10,
+            tmp_path / fuse,
+            cache,
+            members,
+            "model.nonfinite=skip",
+            f"+population.fuse={fuse}",
+        )
+        for fuse in ("false", "true")
+    }
+    assert [names for names, _ in runs["true"].module._fused] == [["ok", "bad"]]
+    looped, fused = (runs[f].module.members["bad"] for f in ("false", "true"))
+    assert fused.skipped_batches == looped.skipped_batches == 10
+    for (key, want), got in zip(
+        looped.student.named_parameters(), fused.student.parameters(), strict=True
+    ):
+        assert torch.equal(want, got), key
+    ok = [runs[f].module.members["ok"].student.state_dict() for f in ("false", "true")]
+    assert all(torch.allclose(ok[0][k], ok[1][k], rtol=1e-3, atol=1e-5) for k in ok[0])
