@@ -181,8 +181,14 @@ def population_rows(
         cases.append(bench.Case(label, bench.timed(loop, setup.device), setup.batch, memory=loop))
         # and the same members fused (those of one architecture without gradient matching)
         fused_population = PopulationModule(modules, fuse=True)
-        fused_loop, fused_label = None, f"fused population K={size}"
+        fused_loop, fused_label, refused = None, f"fused population K={size}", None
         if fused_population.fusion_groups():
+            images = next(iter(setup.tensor_loader(with_indices=with_indices)))[0]
+            try:  # decided here, on one batch, rather than inside the first timed step
+                fused_population.fused_groups(images)
+            except ValueError as error:
+                refused = str(error)
+        if fused_population.fusion_groups() and refused is None:
             fused_loop = PopulationLoop(
                 setup,
                 fused_population,
@@ -208,6 +214,8 @@ def population_rows(
             target=case.target if size == max(case.sizes) else None,
             student=setup.student,
         )
+        if refused is not None:
+            row.notes.append(f"not fused: {refused}")
         if fused_loop is not None:
             row.fused = results[fused_label]
             memory.append((row.fused, fused_loop))
@@ -268,7 +276,8 @@ def population_table(rows: Sequence[PopulationRow]) -> list[str]:
             f"{k * row.result.images_per_step / row.result.median:.0f} | "
             f"{'n/a' if peak is None else f'{peak:.0f}'} | {extra} | {_fused_cells(row)} |"
         )
-    return lines
+    notes = [f"- {row.pair}, K = {len(row.members)}: {note}" for row in rows for note in row.notes]
+    return lines + ([""] + notes if notes else [])
 
 
 def _fused_cells(row: PopulationRow) -> str:
