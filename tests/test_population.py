@@ -317,3 +317,17 @@ def test_cli_population_run(tiny_c10, cache, tmp_path):
     assert written == ["kd_cosine", "kd_gompertz", "kd_linear", "kd_static"]
     results = json.loads((run_dir / "members" / "kd_linear" / "results.json").read_text())
     assert "schedule=linear" in results["overrides"]
+
+
+def test_the_entry_point_chooses_the_run_and_the_single_run_refuses_a_population(tmp_path):
+    from gompertz_kd import run
+
+    cfg = compose_cfg(
+        [f"paths.output_dir={tmp_path / 'run'}", "+population.members={a: ['method=kd']}"]
+    )
+    with pytest.raises(ValueError, match="holds a population"):
+        run_training(cfg)
+    assert not (tmp_path / "run").exists()
+    bad = compose_cfg(["+population.members={a: ['method=kd']}", "+population.fuse=often"])
+    with pytest.raises(ValueError, match="population.fuse='often' must be auto, true or false"):
+        run.run_config(bad)  # the population's own checks: run_config chose the population
