@@ -174,7 +174,7 @@ def test_fused_population_trains_as_the_looped_one():
             if name == "gm":
                 assert torch.equal(want[key], got[key]), (name, key)
             else:
-                torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=key)
+                torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 @pytest.mark.parametrize("fuse", ["yes", 1, None, "fused"])
