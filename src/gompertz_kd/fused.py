@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from gompertz_kd.models import StageOutput
+from gompertz_kd.models import ForwardStages, StageOutput
 
 __all__ = ["FusedStudents", "fusable", "student_signature"]
 
@@ -74,17 +74,6 @@ def fusable(student: nn.Module) -> str | None:
         elif own and not isinstance(module, _FUSED_LAYERS):
             return f"{name}: {type(module).__name__} holds parameters"
     return None
-
-
-class _Stages(nn.Module):
-    """``forward = model.forward_stages`` (what ``functional_call`` runs)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> StageOutput:
-        return self.model.forward_stages(x)
 
 
 class _StackedLinear(nn.Module):
@@ -139,7 +128,7 @@ def _widen(model: nn.Module, k: int) -> nn.Module:
             else:
                 continue
             setattr(parent, name, new)
-    return _Stages(wide)
+    return ForwardStages(wide)
 
 
 class FusedStudents:

@@ -29,7 +29,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from gompertz_kd import losses
 from gompertz_kd.checkpoints import load_weights
-from gompertz_kd.models import StageOutput, create_model
+from gompertz_kd.models import ForwardStages, StageOutput, create_model
 from gompertz_kd.objectives import (
     Need,
     Networks,
@@ -415,7 +415,7 @@ class DistillationModule(L.LightningModule):
         images = batch.images[:rows].detach().requires_grad_(True)
         buffers = {f"model.{n}": b.clone() for n, b in self.student.named_buffers()}
         with self._precision(images, gm_precision):
-            student = torch.func.functional_call(_ForwardStages(self.student), buffers, (images,))
+            student = torch.func.functional_call(ForwardStages(self.student), buffers, (images,))
         teacher = batch.teacher
         return Step(
             student=student,
@@ -936,7 +936,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module | None:
     from torch.fx.experimental.optimization import fuse
 
     try:
-        folded = fuse(_ForwardStages(model).eval(), inplace=False)
+        folded = fuse(ForwardStages(model).eval(), inplace=False)
     except Exception as error:  # tracing fails in many ways (control flow, untraceable ops)
         warnings.warn(
             f"fold_teacher_bn: {type(model).__name__} cannot be traced by torch.fx ({error}); "
@@ -945,17 +945,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module | None:
         )
         return None
     return folded.requires_grad_(False).eval()
-
-
-class _ForwardStages(nn.Module):
-    """``forward = model.forward_stages``, so that ``torch.fx`` traces the staged forward."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> StageOutput:
-        return self.model.forward_stages(x)
 
 
 def _watched_tensors(module: nn.Module) -> tuple[Tensor, ...]:

@@ -8,11 +8,12 @@ Zoo models load published CRD/RepDistiller and mdistiller teacher checkpoints
 (`torch.load(f)["model"]`) with `load_state_dict(strict=True)`.
 """
 
-from gompertz_kd.models.output import StagedClassifier, StageOutput
+from gompertz_kd.models.output import ForwardStages, StagedClassifier, StageOutput
 from gompertz_kd.models.registry import create_model, feature_shapes, list_models
 from gompertz_kd.models.timm_adapter import TimmClassifier, create_timm_model
 
 __all__ = [
+    "ForwardStages",
     "StageOutput",
     "StagedClassifier",
     "TimmClassifier",

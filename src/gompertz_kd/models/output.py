@@ -107,3 +107,16 @@ def run_stage(stage: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:
         x = stage[index](x)
     preact = stage[len(stage) - 1].preact(x)
     return F.relu(preact), preact
+
+
+class ForwardStages(nn.Module):
+    """A module whose ``forward`` is ``model.forward_stages``: what ``torch.fx`` traces (the
+    teacher's BatchNorm folding) and ``torch.func.functional_call`` runs (a second student pass
+    on copied buffers, fused population members) when they need the staged forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> StageOutput:
+        return self.model.forward_stages(x)
