@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from gompertz_kd.config import CONFIG_DIR
 from gompertz_kd.module import DistillationModule
 from gompertz_kd.objectives import KD, Need, Objective, gompertz_cnn
 from gompertz_kd.schedules import SCHEDULES, Constant, Gompertz, make_schedule
-from gompertz_kd.train import build_objective
+from gompertz_kd.train import build_objective, train
 
 from helpers import cpu_trainer, tiny_kd_overrides
 
@@ -316,6 +317,29 @@ def test_crd_uniform_mode_keeps_the_earlier_state_dict():
         "resnet8", "resnet14", 10, objective=objective, num_train_samples=12
     )
     assert not any(k.endswith("crd.labels") for k in module.state_dict())
+
+
+@pytest.mark.parametrize("method", ["sp", "pkt", "nst", "vid", "ofd", "kdsvd", "crd"])
+def test_the_feature_methods_run_the_cpu_recipe_end_to_end_in_fast_dev_run(
+    method, tiny_c10, cache, tmp_path
+):
+    """`experiment=c10cpu method=<name>` composed from the configs as the command line does,
+    one training batch, validation and test through `train(cfg)` on tiny data."""
+    overrides = [
+        o
+        for o in tiny_kd_overrides(tiny_c10, tmp_path / "run", cache)
+        if not o.startswith(("method=", "data=", "model=", "teacher.recipe"))
+    ]
+    cfg = compose_cfg(
+        ["experiment=c10cpu", f"method={method}", *overrides, "data.val_split=10",
+         "++trainer.fast_dev_run=true"]
+    )  # fmt: skip
+    results = train(cfg)
+    assert 0.0 <= results["test"]["top1"] <= 1.0
+    written = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert written["status"] == "completed"
+    target = written["config"]["method"]["terms"][method]["term"]["_target_"]
+    assert target.rsplit(".", 1)[1].lower() == method
 
 
 def test_kdsvd_refuses_a_pair_of_unequal_widths_when_bound():
