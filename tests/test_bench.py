@@ -182,7 +182,7 @@ def test_bench_steps_run_on_cuda_in_bf16():
 
 def test_recipe_section_extrapolates_each_configuration_of_the_main_command():
     argv = TINY + ["--sections", "recipe", "--repeats", "1", "--train-images", "64"]
-    report = bench.main(argv + ["--test-images", "16", "--epochs", "2"])
+    report = bench.main(argv + ["--test-images", "16", "--epochs", "20"])
     section = report.split("### The main command at its own scale")[1]
     rows = [r for r in section.splitlines() if r.startswith("| ") and "---" not in r][1:]
     assert [r.split(" | ")[0].lstrip("| ") for r in rows] == list(ROW_NAMES)
@@ -193,8 +193,9 @@ def test_recipe_section_extrapolates_each_configuration_of_the_main_command():
         cells = row.split(" | ")
         value, unit = cells[7].split()
         seconds = float(value) * {"s": 1, "min": 60, "h": 3600}[unit]
-        # 2 epochs of 64 / 4 = 16 steps and 16 / 4 = 4 evaluation forwards each
-        assert seconds > 2 * 16 * float(cells[3]) / 1000 * 0.99
+        # 20 epochs of 64 / 4 = 16 steps and 16 / 4 = 4 evaluation forwards each (the cells
+        # are rounded for display: 5 % of slack)
+        assert seconds > 20 * 16 * float(cells[3]) / 1000 * 0.95
 
 
 def test_profile_section_ranks_the_operators_of_each_profiled_step():
