@@ -12,12 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 from gompertz_kd.config import CONFIG_DIR
-from gompertz_kd.train import build_module
-from test_golden_objectives import PROGRESS, _deterministic_weights
+from test_golden_objectives import objective_values
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden_methods.json"
 
@@ -32,19 +30,7 @@ def _values(case: str, num_classes: int) -> dict[str, float]:
     experiment, method = case.split()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", method])
-    torch.manual_seed(0)
-    module = build_module(cfg, num_classes=num_classes, teacher_ckpt=None)
-    _deterministic_weights(module)
-    module.train()
-    module.set_progress(PROGRESS)
-    g = torch.Generator().manual_seed(7)
-    images = torch.randn(8, 3, 32, 32, generator=g)
-    targets = torch.randint(0, num_classes, (8,), generator=g)
-    _, terms, _ = module.compute_losses(images, targets)
-    values = {k: float(v.detach()) for k, v in terms.items()}
-    values["total"] = float(module.weighted_total(terms).detach())
-    values.update({k: float(v) for k, v in module.loss_weights.items()})
-    return values
+    return objective_values(cfg, num_classes)
 
 
 @pytest.mark.parametrize(

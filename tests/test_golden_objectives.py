@@ -72,7 +72,12 @@ def _deterministic_weights(module: torch.nn.Module) -> None:
 
 
 def _values(experiment: str, num_classes: int) -> dict[str, float]:
-    cfg = _compose(experiment)
+    return objective_values(_compose(experiment), num_classes)
+
+
+def objective_values(cfg, num_classes: int) -> dict[str, float]:
+    """Each term, the weighted total and the weights of ``cfg``'s objective on fixed weights
+    and a fixed batch."""
     torch.manual_seed(0)
     module = build_module(cfg, num_classes=num_classes, teacher_ckpt=None)
     _deterministic_weights(module)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+import torch
 from torch import Tensor, nn
 
 from gompertz_kd.losses import standardize_logits
@@ -25,7 +26,16 @@ from gompertz_kd.models import StageOutput
 from gompertz_kd.models.registry import stage_output_shapes
 from gompertz_kd.objectives.spec import Recorded
 
-__all__ = ["LogitTerm", "Need", "Networks", "Step", "Term", "positive"]
+__all__ = [
+    "LogitTerm",
+    "Need",
+    "Networks",
+    "StagePairTerm",
+    "Step",
+    "Term",
+    "paired_stages",
+    "positive",
+]
 
 
 class Need(StrEnum):
@@ -123,6 +133,42 @@ class Term(Recorded, nn.Module):
         """Values worth logging besides the loss (e.g. a learned temperature), by short name;
         logged as ``train/<term>/<name>``."""
         return {}
+
+
+def paired_stages(count_s: int, count_t: int, skip_stem: bool = True) -> list[tuple[int, int]]:
+    """``(student_stage, teacher_stage)`` pairs, deepest first aligned: with ``skip_stem`` the
+    first map (the stem) of each network is left out."""
+    first = 1 if skip_stem else 0
+    n = min(count_s, count_t) - first
+    return [(count_s - n + i, count_t - n + i) for i in range(n)]
+
+
+class StagePairTerm(Term):
+    """A term summed over pairs of stage maps (:func:`paired_stages`, the benchmark's
+    ``feat[1:-1]``): subclasses give :meth:`pair_loss` on one ``(student, teacher)`` pair."""
+
+    needs = frozenset({Need.FEATURES})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pairs: list[tuple[int, int]] = []
+
+    def bind(self, networks: Networks) -> None:
+        self.pairs = paired_stages(
+            len(networks.feature_shapes("student")), len(networks.feature_shapes("teacher"))
+        )
+
+    def pair_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """The loss on one pair of maps ``(N, C_s, H_s, W_s)``, ``(N, C_t, H_t, W_t)``."""
+        raise NotImplementedError
+
+    def forward(self, step: Step) -> Tensor:
+        return torch.stack(
+            [
+                self.pair_loss(step.student.features[s], step.teacher.features[t])
+                for s, t in self.pairs
+            ]
+        ).sum()
 
 
 class LogitTerm(Term):

@@ -13,8 +13,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from gompertz_kd import losses
-from gompertz_kd.objectives.at import paired_stages
-from gompertz_kd.objectives.base import Need, Networks, Step, Term, positive
+from gompertz_kd.objectives.base import Need, Networks, Step, Term, paired_stages, positive
 
 __all__ = ["KDSVD"]
 

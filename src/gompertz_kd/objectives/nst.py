@@ -7,35 +7,17 @@ losses summed, weight 50, CE 1. With different stage counts the deepest are pair
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from gompertz_kd import losses
-from gompertz_kd.objectives.at import paired_stages
-from gompertz_kd.objectives.base import Need, Networks, Step, Term
+from gompertz_kd.objectives.base import StagePairTerm
 
 __all__ = ["NST"]
 
 
-class NST(Term):
+class NST(StagePairTerm):
     """Sum over stage pairs of :func:`gompertz_kd.losses.nst_loss` (squared MMD, polynomial
     kernel of degree 2)."""
 
-    needs = frozenset({Need.FEATURES})
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pairs: list[tuple[int, int]] = []
-
-    def bind(self, networks: Networks) -> None:
-        self.pairs = paired_stages(
-            len(networks.feature_shapes("student")), len(networks.feature_shapes("teacher"))
-        )
-
-    def forward(self, step: Step) -> Tensor:
-        return torch.stack(
-            [
-                losses.nst_loss(step.student.features[s], step.teacher.features[t])
-                for s, t in self.pairs
-            ]
-        ).sum()
+    def pair_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return losses.nst_loss(student, teacher)

@@ -19,8 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from gompertz_kd import losses
-from gompertz_kd.objectives.at import paired_stages
-from gompertz_kd.objectives.base import Need, Networks, Step, Term
+from gompertz_kd.objectives.base import Need, Networks, Step, Term, paired_stages
 
 __all__ = ["OFD"]
 

@@ -14,8 +14,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from gompertz_kd import losses
-from gompertz_kd.objectives.at import paired_stages
-from gompertz_kd.objectives.base import Need, Networks, Step, Term
+from gompertz_kd.objectives.base import Need, Networks, Step, Term, paired_stages
 
 __all__ = ["ReviewKD"]
 
