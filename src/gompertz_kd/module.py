@@ -270,6 +270,7 @@ class DistillationModule(L.LightningModule):
         # the terms computed only on every gm_every-th step, their weight x gm_every
         self._lazy_terms = frozenset(objective.names_needing(Need.INPUT_GRAD))
         self._index_terms = objective.names_needing(Need.INDICES)
+        self._progress_terms = objective.names_needing(Need.PROGRESS)
 
         self.lr = benchmark_lr(student if isinstance(student, str) else "") if lr is None else lr
         self._optimizer_factory = optimizer
@@ -386,7 +387,7 @@ class DistillationModule(L.LightningModule):
             indices=indices,
             teacher_input_grad=teacher_grad,
             # read only by the terms that need it, so that no other step depends on its value
-            progress=self.progress if Need.PROGRESS in self.objective.needs else 0.0,
+            progress=self.progress if self._progress_terms else 0.0,
             step=step,
         )
         lazy_batch = batch
