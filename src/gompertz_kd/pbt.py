@@ -1,0 +1,511 @@
+"""Population-based training of the distillation weight inside one population run.
+
+PBT (Jaderberg et al., 2017) tunes a hyper-parameter *schedule* online: K members train side by
+side and, every ``interval`` epochs, the worst copy the best and perturb what they copied. Here the
+hyper-parameter is the weight of a method's distillation term(s), and the members are the members
+of a population run (:mod:`gompertz_kd.population`): one teacher pass per batch serves them all,
+so a PBT run costs about what one population costs.
+
+What :class:`PBTController` does:
+
+- At the start, each member's weight on each PBT term is drawn log-uniformly from ``[low,
+  high]`` (a multiple of the term's configured ``scale``: ``1`` is the method's published
+  weight); the term's schedule becomes a :class:`~gompertz_kd.schedules.Piecewise` the controller
+  owns.
+- At the end of every ``interval``-th epoch (never after the last), on the held-out val split
+  only (``population.pbt.metric``, default ``val/top1``): truncation selection. The bottom
+  ``quantile`` of the members, ranked by that epoch's score, each copy a member drawn from the top
+  ``quantile``: its student, its objective's state (projectors, CRD banks, a learned temperature:
+  everything a checkpoint holds), its optimiser state, its weight-callback state, its best score
+  and its checkpoint files (replaced atomically), and its weight history. Then explore: each
+  copied weight is multiplied by a factor drawn from ``factors`` or, with probability
+  ``resample_probability``, drawn afresh from ``[low, high]``; clipped to ``[low, high]``. The
+  defaults are Ray Tune's (quantile 0.25, factors 0.8 / 1.2, resample 0.25).
+- The decisions draw from the controller's own random stream (seeded by ``seed``, default the
+  smallest member init seed), and depend only on the val scores, which every process of a DDP
+  run reduces alike; the controller checks that every rank decided as rank 0 did. Its state (the
+  stream, every member's lineage) is in the population's checkpoints, so a resumed run takes the
+  same decisions.
+
+Every member's *lineage* (its weight as a step function of progress, and each copy: when, from
+whom, with which factor) goes into its ``results.json`` under ``pbt``, and the run's
+``pbt.json`` names the winner (the best member on the last epoch's val score) and its schedule
+written as an override, ``method.terms.<term>.schedule="piecewise(...)"``, that trains it from
+scratch on other seeds.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from gompertz_kd.schedules import Piecewise
+
+__all__ = ["PBT_FILE", "PBTController", "PBTSettings"]
+
+PBT_FILE = "pbt.json"
+
+
+@dataclass(frozen=True)
+class PBTSettings:
+    """``population.pbt``: the controller's settings (see the module docstring).
+
+    Attributes:
+        interval: epochs between exploit steps (>= 1, fewer than the run's epochs).
+        quantile: the fraction of members replaced at each step, and the fraction they copy
+            from; in ``(0, 0.5]``, and ``floor(K * quantile) >= 1``.
+        factors: the perturbation factors, one drawn per copied weight (each > 0).
+        resample_probability: the chance a copied weight is drawn afresh instead.
+        low, high: bounds of a weight, as multiples of the term's ``scale`` (log-uniform draws;
+            ``high`` is lowered to what convex mixing allows, a weight <= 1).
+        terms: the terms whose weights PBT owns (default: every term of the method).
+        seed: the controller's random stream (default: the smallest member init seed).
+        metric: the member metric that ranks them, on the held-out val split.
+    """
+
+    interval: int = 2
+    quantile: float = 0.25
+    factors: tuple[float, ...] = (0.8, 1.2)
+    resample_probability: float = 0.25
+    low: float = 0.25
+    high: float = 4.0
+    terms: tuple[str, ...] | None = None
+    seed: int | None = None
+    metric: str = "val/top1"
+
+    @classmethod
+    def from_config(cls, node: Mapping[str, Any] | None) -> PBTSettings | None:
+        """The settings a config node gives (``None`` when there is none).
+
+        Raises:
+            ValueError: an unknown key or a value out of range, naming ``population.pbt.<key>``.
+        """
+        if node is None:
+            return None
+        node = dict(node)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(node) - known)
+        if unknown:
+            raise ValueError(
+                f"population.pbt has no setting {', '.join(unknown)}; its settings are "
+                f"{', '.join(sorted(known))}"
+            )
+        try:
+            if node.get("factors") is not None:
+                node["factors"] = tuple(float(f) for f in node["factors"])
+            if node.get("terms") is not None:
+                terms = node["terms"]
+                node["terms"] = (terms,) if isinstance(terms, str) else tuple(map(str, terms))
+            for key in ("interval",):
+                if key in node:
+                    node[key] = int(node[key])
+            for key in ("quantile", "resample_probability", "low", "high"):
+                if key in node:
+                    node[key] = float(node[key])
+            if node.get("seed") is not None:
+                node["seed"] = int(node["seed"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"population.pbt: a setting is not a number ({error})") from None
+        settings = cls(**{k: v for k, v in node.items() if v is not None or k in ("terms", "seed")})
+        settings._check_values()
+        return settings
+
+    def _check_values(self) -> None:
+        def need(ok: bool, key: str, expected: str) -> None:
+            if not ok:
+                raise ValueError(f"population.pbt.{key}={getattr(self, key)!r} must be {expected}")
+
+        need(self.interval >= 1, "interval", "at least 1 (epochs between exploit steps)")
+        need(0 < self.quantile <= 0.5, "quantile", "in (0, 0.5] (the bottom copies the top)")
+        need(
+            len(self.factors) > 0 and all(f > 0 for f in self.factors),
+            "factors",
+            "a non-empty list of positive factors",
+        )
+        need(0 <= self.resample_probability <= 1, "resample_probability", "in [0, 1]")
+        need(self.low > 0, "low", "> 0 (weights are drawn log-uniformly)")
+        need(self.high > self.low, "high", f"> low ({self.low})")
+
+    def check_run(
+        self,
+        members: Sequence[str],
+        objectives: Mapping[str, Any],
+        max_epochs: int | None,
+        val_split: int,
+        check_val_every_n_epoch: int | None,
+        progress_modes: Mapping[str, str],
+    ) -> list[str]:
+        """Check the settings against the run before any teacher work; return the PBT terms.
+
+        Raises:
+            ValueError: the interval is not shorter than the run, too few members for the
+                quantile, no held-out val split, validation not every interval, members whose
+                objectives differ, a term the objective lacks, or a member whose weights follow
+                the trajectory (PBT owns them as a function of the clock).
+        """
+        k = len(members)
+        if k * self.quantile < 1:
+            raise ValueError(
+                f"population.pbt.quantile={self.quantile} with {k} members replaces "
+                f"floor({k} * {self.quantile}) = 0 of them: use at least "
+                f"{math.ceil(1 / self.quantile)} members (population.seeds) or a larger quantile"
+            )
+        if max_epochs is None or max_epochs < 1:
+            raise ValueError("population.pbt needs a finite trainer.max_epochs")
+        if self.interval >= max_epochs:
+            raise ValueError(
+                f"population.pbt.interval={self.interval} is not shorter than the run "
+                f"(trainer.max_epochs={max_epochs}): no exploit step would ever happen; use an "
+                f"interval below {max_epochs}"
+            )
+        if not val_split:
+            raise ValueError(
+                "population.pbt selects members on a held-out val split, and data.val_split=0 "
+                "validates on the test split: set data.val_split (e.g. 5000)"
+            )
+        every = int(check_val_every_n_epoch or 1)
+        if self.interval % every:
+            raise ValueError(
+                f"population.pbt.interval={self.interval} is not a multiple of "
+                f"trainer.check_val_every_n_epoch={every}: exploit steps read that epoch's val score"
+            )
+        names = {n: tuple(o.names) for n, o in objectives.items()}
+        first = next(iter(names.values()))
+        for name, terms in names.items():
+            if terms != first:
+                raise ValueError(
+                    f"population.pbt: member {name!r} has terms {list(terms)} and "
+                    f"{members[0]!r} {list(first)}: PBT members train one method (a member copies "
+                    "another's whole state)"
+                )
+        if not first:
+            raise ValueError("population.pbt: the members' method has no distillation term")
+        terms = list(self.terms) if self.terms is not None else list(first)
+        missing = [t for t in terms if t not in first]
+        if missing or not terms:
+            raise ValueError(f"population.pbt.terms={terms}: the method's terms are {list(first)}")
+        for name, mode in progress_modes.items():
+            if mode != "clock":
+                raise ValueError(
+                    f"population member {name!r} sets progress={mode}: PBT owns the weights as a "
+                    "function of the clock; leave callbacks.gompertz_weight.progress=clock"
+                )
+        return terms
+
+
+class PBTController(L.Callback):
+    """Truncation selection and explore of the members' term weights (see the module docstring).
+
+    Args:
+        settings: the controller's :class:`PBTSettings`.
+        members: the member names, in the population's order.
+        terms: the terms whose weights the controller owns.
+        seed: the random stream's seed.
+
+    Must come after :class:`~gompertz_kd.population.MemberCheckpoint` among the trainer's
+    callbacks (it copies the best checkpoints that callback has just written).
+    """
+
+    def __init__(
+        self, settings: PBTSettings, members: Sequence[str], terms: Sequence[str], seed: int
+    ) -> None:
+        self.settings = settings
+        self.members = list(members)
+        self.terms = list(terms)
+        self.seed = int(seed)
+        self.rng = random.Random(self.seed)
+        # name -> {"boundaries": [...], "values": {term: [...]}, "origin": name, "events": [...]}
+        self.lineage: dict[str, dict[str, Any]] = {}
+        self.rounds: list[dict[str, Any]] = []
+        self.last_scores: dict[str, float] = {}
+        self.last_epoch: int | None = None
+        self.high: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ schedules
+    def bounds(self, pl_module: Any, term: str) -> tuple[float, float]:
+        """``(low, high)`` of ``term``'s weight multiple; ``high`` clipped to convex mixing's 1."""
+        objective = next(iter(pl_module.members.values())).objective
+        high = self.settings.high
+        if objective.mixing == "convex" and term == objective.mixing_term:
+            high = min(high, 1.0 / objective.scales[term])
+        return self.settings.low, high
+
+    def draw(self, pl_module: Any, term: str) -> float:
+        low, high = self.bounds(pl_module, term)
+        return math.exp(self.rng.uniform(math.log(low), math.log(high)))
+
+    def schedule(self, name: str, term: str) -> Piecewise:
+        """Member ``name``'s weight multiple on ``term`` as a function of progress."""
+        own = self.lineage[name]
+        return Piecewise(tuple(own["boundaries"]), tuple(own["values"][term]))
+
+    def install(self, pl_module: Any) -> None:
+        """Make every member's PBT terms follow its lineage's schedule."""
+        for name in self.members:
+            member = pl_module.members[name]
+            for term in self.terms:
+                member.objective.schedules[term] = self.schedule(name, term)
+            member.set_progress(member.progress)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if not self.lineage:  # a fresh run: draw each member's starting weights, in member order
+            for name in self.members:
+                self.lineage[name] = {
+                    "origin": name,
+                    "boundaries": [],
+                    "values": {t: [self.draw(pl_module, t)] for t in self.terms},
+                    "events": [],
+                }
+        self.install(pl_module)
+
+    # ------------------------------------------------------------------ exploit and explore
+    def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.sanity_checking:
+            return
+        epoch = trainer.current_epoch
+        scores = {}
+        for name in self.members:
+            value = trainer.callback_metrics.get(f"{name}/{self.settings.metric}")
+            if value is None:
+                raise ValueError(
+                    f"population.pbt.metric: member {name!r} logged no {self.settings.metric!r} "
+                    "this epoch (is validation switched off, limit_val_batches=0?)"
+                )
+            scores[name] = float(value)
+        self.last_scores, self.last_epoch = scores, epoch
+        done = epoch + 1
+        if done % self.settings.interval or done >= int(trainer.max_epochs):
+            return
+        if any(r["epoch"] == done for r in self.rounds):
+            return  # this epoch's step was taken before an interruption
+        self.exploit(trainer, pl_module, scores, done)
+
+    def decide(self, scores: Mapping[str, float]) -> list[tuple[str, str, dict[str, Any]]]:
+        """One round's decisions, ``[(member, source, {term: explore})]``, drawn from the
+        controller's stream: the bottom quantile (ties broken by member order) each copy a
+        member drawn from the top quantile."""
+        order = sorted(self.members, key=lambda n: (-scores[n], self.members.index(n)))
+        n = int(len(order) * self.settings.quantile)
+        top, bottom = order[:n], order[-n:]
+        out = []
+        for name in bottom:
+            source = top[self.rng.randrange(len(top))]
+            explore = {}
+            for term in self.terms:
+                if self.rng.random() < self.settings.resample_probability:
+                    explore[term] = {"how": "resample", "draw": self.rng.random()}
+                else:
+                    factor = self.settings.factors[self.rng.randrange(len(self.settings.factors))]
+                    explore[term] = {"how": "perturb", "factor": factor}
+            out.append((name, source, explore))
+        return out
+
+    def exploit(
+        self, trainer: L.Trainer, pl_module: Any, scores: Mapping[str, float], done: int
+    ) -> None:
+        decisions = self.decide(scores)
+        if trainer.world_size > 1:
+            lead = trainer.strategy.broadcast(decisions, src=0)
+            if lead != decisions:
+                raise RuntimeError(
+                    f"population.pbt: rank {trainer.global_rank} decided {decisions}, rank 0 "
+                    f"{lead}: the val scores were not reduced alike on every process"
+                )
+        progress = self.boundary(trainer)
+        sources = {name: copy.deepcopy(self.lineage[source]) for name, source, _ in decisions}
+        for name, source, explore in decisions:
+            self.copy_member(trainer, pl_module, source, name)
+            lineage = sources[name]
+            event: dict[str, Any] = {
+                "member": name,
+                "epoch": done,
+                "step": int(trainer.global_step),
+                "progress": progress,
+                "copied_from": source,
+                "score": scores[name],
+                "source_score": scores[source],
+                "explore": {},
+            }
+            changed = False
+            for term in self.terms:
+                low, high = self.bounds(pl_module, term)
+                current = lineage["values"][term][-1]
+                how = explore[term]
+                if how["how"] == "resample":
+                    value = math.exp(math.log(low) + how["draw"] * (math.log(high) - math.log(low)))
+                else:
+                    value = current * how["factor"]
+                value = min(max(value, low), high)
+                event["explore"][term] = {**how, "value": value}
+                changed |= value != current
+                lineage["values"][term].append(value)
+            if changed and (not lineage["boundaries"] or lineage["boundaries"][-1] < progress):
+                lineage["boundaries"].append(progress)
+            else:  # nothing moved (clipped at a bound): no new segment
+                for term in self.terms:
+                    lineage["values"][term].pop()
+            lineage["events"].append(event)
+            self.lineage[name] = lineage
+        self.rounds.append(
+            {
+                "epoch": done,
+                "progress": progress,
+                "scores": dict(scores),
+                "copies": {name: source for name, source, _ in decisions},
+            }
+        )
+        self.install(pl_module)
+
+    @staticmethod
+    def boundary(trainer: L.Trainer) -> float:
+        """The progress of the next training step (where a new weight starts)."""
+        total = trainer.estimated_stepping_batches
+        return min(int(trainer.global_step) / int(total), 1.0)
+
+    def copy_member(self, trainer: L.Trainer, pl_module: Any, source: str, target: str) -> None:
+        """``target`` becomes ``source``: weights, objective state, optimiser state, weight
+        callback state, best score and checkpoint files."""
+        from gompertz_kd.population import MemberCheckpoint, MemberWeightCallback
+
+        members = pl_module.members
+        with torch.no_grad():
+            members[target].load_state_dict(pl_module.member_state(source), strict=False)
+        for optimizer in trainer.optimizers:
+            for p_src, p_dst in zip(
+                members[source].trainable_parameters(),
+                members[target].trainable_parameters(),
+                strict=True,
+            ):
+                state = optimizer.state.get(p_src)
+                if not state:
+                    optimizer.state.pop(p_dst, None)
+                    continue
+                optimizer.state[p_dst] = {
+                    k: v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v)
+                    for k, v in state.items()
+                }
+        weights = {c.member: c for c in trainer.callbacks if isinstance(c, MemberWeightCallback)}
+        if source in weights and target in weights:
+            weights[target].load_state_dict(copy.deepcopy(weights[source].state_dict()))
+        if source in pl_module.best:
+            pl_module.best[target] = dict(pl_module.best[source])
+        else:
+            pl_module.best.pop(target, None)
+        if not trainer.is_global_zero:
+            return
+        for callback in trainer.callbacks:
+            if isinstance(callback, MemberCheckpoint):
+                for which in ("best", "last"):
+                    _copy_checkpoint(
+                        callback.path(source, which), callback.path(target, which), target
+                    )
+
+    # ------------------------------------------------------------------ results
+    def winner(self) -> str | None:
+        """The member with the best score at the last validation (ties: member order)."""
+        if not self.last_scores:
+            return None
+        return max(self.members, key=lambda n: (self.last_scores[n], -self.members.index(n)))
+
+    def member_record(self, name: str) -> dict[str, Any]:
+        """What member ``name``'s ``results.json`` keeps under ``pbt``."""
+        own = self.lineage[name]
+        return {
+            "origin": own["origin"],
+            "boundaries": list(own["boundaries"]),
+            "values": {t: list(v) for t, v in own["values"].items()},
+            "schedules": {t: self.schedule(name, t).text() for t in self.terms},
+            "events": copy.deepcopy(own["events"]),
+            "last_val_score": self.last_scores.get(name),
+            "winner": name == self.winner(),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """The run's ``pbt.json``: settings, rounds, every lineage, the winner and its replay."""
+        winner = self.winner()
+        replay = None
+        if winner is not None:
+            replay = {
+                "member": winner,
+                "schedules": {
+                    t: {
+                        "name": "piecewise",
+                        "boundaries": list(self.lineage[winner]["boundaries"]),
+                        "values": list(self.lineage[winner]["values"][t]),
+                    }
+                    for t in self.terms
+                },
+                "overrides": [
+                    f'method.terms.{t}.schedule="{self.schedule(winner, t).text()}"'
+                    for t in self.terms
+                ],
+            }
+        return {
+            "settings": {
+                k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.settings).items()
+            },
+            "seed": self.seed,
+            "terms": self.terms,
+            "members": self.members,
+            "rounds": copy.deepcopy(self.rounds),
+            "lineage": {n: self.member_record(n) for n in self.members},
+            "last_epoch": self.last_epoch,
+            "winner": winner,
+            "replay": replay,
+        }
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rng": self.rng.getstate(),
+            "lineage": copy.deepcopy(self.lineage),
+            "rounds": copy.deepcopy(self.rounds),
+            "last_scores": dict(self.last_scores),
+            "last_epoch": self.last_epoch,
+            "members": list(self.members),
+            "terms": list(self.terms),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if list(state_dict["members"]) != self.members or list(state_dict["terms"]) != self.terms:
+            raise ValueError(
+                f"population.pbt: the checkpoint's members {state_dict['members']} and terms "
+                f"{state_dict['terms']} are not this run's {self.members} and {self.terms}; "
+                "resume with the population the checkpoint was written by"
+            )
+        version, internal, gauss = state_dict["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.lineage = copy.deepcopy(state_dict["lineage"])
+        self.rounds = copy.deepcopy(state_dict["rounds"])
+        self.last_scores = dict(state_dict["last_scores"])
+        self.last_epoch = state_dict["last_epoch"]
+
+
+def _copy_checkpoint(source: Path, target: Path, member: str) -> None:
+    """``target`` replaced by ``source`` (renamed for ``member``) through a temporary file; a
+    missing ``source`` removes ``target`` (its lineage had none)."""
+    if not source.is_file():
+        target.unlink(missing_ok=True)
+        return
+    payload = torch.load(source, map_location="cpu", weights_only=True)
+    payload["member"] = member
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    torch.save(payload, partial)
+    os.replace(partial, target)
+
+
+def write_summary(path: Path, summary: Mapping[str, Any]) -> None:
+    """Write ``pbt.json`` atomically."""
+    from gompertz_kd.run_parts import write_json_atomically
+
+    write_json_atomically(Path(path), dict(summary))

@@ -1,0 +1,224 @@
+"""Population-based training of the distillation weight (gompertz_kd.pbt) on the tiny recipe."""
+
+import csv
+import json
+import math
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from gompertz_kd.callbacks import RunInterrupted
+from gompertz_kd.config import CONFIG_DIR
+from gompertz_kd.pbt import PBTController, PBTSettings
+from gompertz_kd.population import member_names, run_population
+from gompertz_kd.schedules import Piecewise
+
+from helpers import tiny_kd_overrides
+
+DIST = "{dist: ['method=dist']}"
+STEPS_PER_EPOCH = 3  # 20 tiny training images, 8 held out for val, batch 4
+
+
+def base(root, out, cache, epochs=2):
+    overrides = [
+        o for o in tiny_kd_overrides(root, out, cache, max_epochs=epochs) if o != "method=gkd"
+    ]
+    return [
+        *overrides,
+        "data.val_split=8",
+        "trainer.deterministic=true",
+        "trainer.log_every_n_steps=1",
+    ]
+
+
+def compose_cfg(extra):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=extra)
+
+
+def pbt_run(root, out, cache, *extra, epochs=2, members="{dist: ['method=dist']}", seeds="[0,1]"):
+    """A PBT population of DIST members on the tiny recipe, as the command line runs it."""
+    overrides = [*base(root, out, cache, epochs), *extra]
+    cfg = compose_cfg(
+        [
+            *overrides,
+            "+population.name=pbt_test",
+            f"+population.members={members}",
+            f"+population.seeds={seeds}",
+            "+population.pbt.interval=1",
+            "+population.pbt.quantile=0.5",
+        ]
+    )
+    return run_population(cfg, base_overrides=overrides)
+
+
+def column(path, name):
+    with open(path, newline="") as f:
+        return [(int(r["step"]), float(r[name])) for r in csv.DictReader(f) if r.get(name)]
+
+
+def test_a_copied_member_takes_everything_from_its_source(tiny_c10, cache, tmp_path):
+    # factors [1] and no resampling: after the copy the two members are the same member, so
+    # they must end bit-equal (student, BatchNorm statistics, momentum, term state)
+    run = pbt_run(
+        tiny_c10, tmp_path / "run", cache,
+        "+population.pbt.factors=[1.0]", "+population.pbt.resample_probability=0",
+    )  # fmt: skip
+    (event,) = [e for n in ("dist_s0", "dist_s1") for e in run.results[n]["pbt"]["events"]]
+    loser = next(n for n in ("dist_s0", "dist_s1") if run.results[n]["pbt"]["events"])
+    winner = event["copied_from"]
+    assert winner != loser and event["epoch"] == 1 and event["step"] == STEPS_PER_EPOCH
+    assert event["score"] <= event["source_score"]
+    a, b = (run.module.members[n].state_dict() for n in (loser, winner))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # its weight history is its source's, and it trained with its source's weight after the copy
+    record = run.results[loser]["pbt"]
+    assert record["values"] == run.results[winner]["pbt"]["values"]
+    run_dir = tmp_path / "run" / "members"
+    weights = dict(column(run_dir / loser / "csv" / "metrics.csv", "dist_weight"))
+    source = dict(column(run_dir / winner / "csv" / "metrics.csv", "dist_weight"))
+    after = [s for s in weights if s >= STEPS_PER_EPOCH]
+    assert after and all(weights[s] == source[s] for s in after)
+    assert weights[0] != source[0]  # they started from their own draws
+    # the copied member's best checkpoint is its source's (renamed), written whole
+    best = torch.load(run_dir / loser / "checkpoints" / "best.ckpt", weights_only=True)
+    assert best["member"] == loser
+    summary = json.loads((tmp_path / "run" / "pbt.json").read_text())
+    assert summary["winner"] in (loser, winner) and len(summary["rounds"]) == 1
+    assert summary["rounds"][0]["copies"] == {loser: winner}
+    assert not list(run_dir.glob("*/checkpoints/*.partial"))
+
+
+def test_explore_perturbs_the_copied_weight_and_the_replay_schedule_is_its_history(
+    tiny_c10, cache, tmp_path
+):
+    run = pbt_run(tiny_c10, tmp_path / "run", cache, "+population.pbt.resample_probability=0",
+                  epochs=3)  # fmt: skip
+    summary = json.loads((tmp_path / "run" / "pbt.json").read_text())
+    assert [r["epoch"] for r in summary["rounds"]] == [1, 2]
+    for name, record in summary["lineage"].items():
+        boundaries, values = record["boundaries"], record["values"]["dist"]
+        assert len(values) == len(boundaries) + 1
+        for event in record["events"]:
+            explore = event["explore"]["dist"]
+            assert explore["factor"] in (0.8, 1.2) and 0.25 <= explore["value"] <= 4.0
+            # the weight before the copy's boundary is the source's then; after it, times factor
+            if event["progress"] in boundaries:
+                i = boundaries.index(event["progress"])
+                want = min(max(values[i] * explore["factor"], 0.25), 4.0)
+                assert values[i + 1] == pytest.approx(want) == explore["value"]
+        # since its last copy, the logged weight is the lineage's schedule at each step's progress
+        # (before it, the member followed the lineage it then replaced)
+        logged = column(tmp_path / "run" / "members" / name / "csv" / "metrics.csv", "dist_weight")
+        schedule = Piecewise(tuple(boundaries), tuple(values))
+        total = 3 * STEPS_PER_EPOCH
+        since = max((e["step"] for e in record["events"] if e["member"] == name), default=0)
+        assert [s for s, _ in logged if s >= since]
+        for step, weight in (x for x in logged if x[0] >= since):
+            assert weight == pytest.approx(schedule(step / total), rel=1e-6), (name, step)
+    assert any(r["events"] for r in summary["lineage"].values())
+    replay = summary["replay"]
+    winner = summary["lineage"][summary["winner"]]
+    assert replay["overrides"] == [f'method.terms.dist.schedule="{winner["schedules"]["dist"]}"']
+    assert run.results[summary["winner"]]["pbt"]["winner"] is True
+
+
+def test_factor_arithmetic_of_one_round():
+    settings = PBTSettings(quantile=0.5, resample_probability=0.0, factors=(0.8, 1.2))
+    controller = PBTController(settings, ["a", "b", "c", "d"], ["kd"], seed=3)
+    decisions = controller.decide({"a": 0.1, "b": 0.9, "c": 0.5, "d": 0.2})
+    # the bottom half (d, a: lowest scores) copy from the top half (b, c)
+    assert [d[0] for d in decisions] == ["d", "a"]
+    assert all(d[1] in ("b", "c") for d in decisions)
+    assert all(d[2]["kd"]["factor"] in (0.8, 1.2) for d in decisions)
+    again = PBTController(settings, ["a", "b", "c", "d"], ["kd"], seed=3)
+    assert again.decide({"a": 0.1, "b": 0.9, "c": 0.5, "d": 0.2}) == decisions
+    state = controller.state_dict()
+    after = controller.decide({"a": 0.3, "b": 0.2, "c": 0.1, "d": 0.0})
+    again.load_state_dict(state)
+    assert again.decide({"a": 0.3, "b": 0.2, "c": 0.1, "d": 0.0}) == after
+
+
+def test_interrupted_pbt_run_resumes_exactly(tiny_c10, cache, tmp_path):
+    full = pbt_run(tiny_c10, tmp_path / "full", cache, epochs=3)
+    run_dir = tmp_path / "interrupted"
+    killer = [
+        "+callbacks.kill._target_=helpers.SendSignalAt",
+        f"+callbacks.kill.step={STEPS_PER_EPOCH + 1}",  # in epoch 2, after the first exploit
+        f"+callbacks.kill.signum={int(signal.SIGTERM)}",
+    ]
+    with pytest.raises(RunInterrupted):
+        pbt_run(tiny_c10, run_dir, cache, *killer, epochs=3)
+    assert not (run_dir / "pbt.json").exists()
+    resumed = pbt_run(tiny_c10, run_dir, cache, "ckpt_path=last", epochs=3)
+    for name in full.module.members:
+        want = full.module.members[name].state_dict()
+        got = resumed.module.members[name].state_dict()
+        assert all(torch.equal(want[k], got[k]) for k in want), name
+        assert resumed.results[name]["pbt"] == full.results[name]["pbt"]
+    a = json.loads((tmp_path / "full" / "pbt.json").read_text())
+    b = json.loads((run_dir / "pbt.json").read_text())
+    assert a["rounds"] == b["rounds"] and a["lineage"] == b["lineage"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "seeds", "members", "message"),
+    [
+        (["+population.pbt.interval=2"], "[0,1]", None, "interval=2 is not shorter than the run"),
+        (["+population.pbt.quantile=0.6"], "[0,1]", None, "quantile=0.6 must be in"),
+        (["+population.pbt.quantile=0.25"], "[0,1,2]", None, "use at least 4 members"),
+        (["data.val_split=0"], "[0,1]", None, "set data.val_split"),
+        (["+population.pbt.often=1"], "[0,1]", None, "population.pbt has no setting often"),
+        (["+population.pbt.terms=[kd]"], "[0,1]", None, "population.pbt.terms=\\['kd'\\]"),
+        ([], "[0,1]", "{dist: ['method=dist'], kd: ['method=kd']}", "PBT members train one method"),
+        (["+population.pbt.low=0"], "[0,1]", None, "low=0.0 must be > 0"),
+        (
+            ["callbacks.gompertz_weight.progress=trajectory"], "[0,1]", None,
+            "PBT owns the weights as a function of the clock",
+        ),
+    ],
+)  # fmt: skip
+def test_bad_pbt_settings_fail_before_any_teacher_work(tiny_c10, tmp_path, extra, seeds, members,
+                                                       message):  # fmt: skip
+    cache = tmp_path / "never_filled"
+    overrides = [*base(tiny_c10, tmp_path / "run", cache), *extra]
+    pbt = [o for o in overrides if o.startswith("+population.pbt.")]
+    rest = [o for o in overrides if not o.startswith("+population.pbt.")]
+    defaults = {"interval": "1", "quantile": "0.5"}
+    given = {o.split("=", 1)[0].rsplit(".", 1)[1] for o in pbt}
+    pbt += [f"+population.pbt.{k}={v}" for k, v in defaults.items() if k not in given]
+    cfg = compose_cfg(
+        [*rest, *pbt, "+population.name=bad",
+         f"+population.members={members or DIST}",
+         *([f"+population.seeds={seeds}"] if members is None else [])]
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        run_population(cfg, base_overrides=rest)
+    assert not cache.exists() or not list(cache.iterdir())
+
+
+@pytest.mark.parametrize("name", ["pbt_kd", "pbt_dist", "pbt_dkd"])
+def test_pbt_configs_are_valid_for_the_long_recipe(name):
+    cfg = compose_cfg(["experiment=c10cpu_long", f"population={name}"])
+    settings = PBTSettings.from_config(cfg.population.pbt)
+    assert settings.interval < cfg.trainer.max_epochs and len(member_names(cfg.population)) >= 8
+    assert math.floor(len(member_names(cfg.population)) * settings.quantile) >= 1
+
+
+def test_pbt_under_ddp_takes_one_decision_on_every_rank(tiny_c10, cache, tmp_path):
+    run_dir = tmp_path / "ddp"
+    overrides = [o for o in base(tiny_c10, run_dir, cache) if not o.startswith("paths.output_dir")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "gompertz_kd.run", *overrides, "trainer=ddp_cpu",
+         "+population.members={dist: ['method=dist']}", "+population.seeds=[0,1]",
+         "+population.pbt.interval=1", "+population.pbt.quantile=0.5",
+         f"hydra.run.dir={run_dir}"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "pbt.json").read_text())
+    assert len(summary["rounds"]) == 1 and summary["winner"] in ("dist_s0", "dist_s1")
