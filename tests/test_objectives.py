@@ -139,7 +139,12 @@ def test_methods_with_trainable_parts_have_them():
     }
 
 
-SCHEDULE_SPECS = [*SCHEDULES, "gompertz(b=4, c=9)", "linear(t0=0.5)"]
+SCHEDULE_SPECS = [
+    *SCHEDULES,
+    "gompertz(b=4, c=9)",
+    "linear(t0=0.5)",
+    "piecewise(0.5, 0.3:2, 0.8:1)",
+]
 
 
 @functools.cache

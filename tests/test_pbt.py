@@ -15,6 +15,7 @@ from gompertz_kd.callbacks import RunInterrupted
 from gompertz_kd.config import CONFIG_DIR
 from gompertz_kd.pbt import PBTController, PBTSettings
 from gompertz_kd.population import member_names, run_population
+from gompertz_kd.report import load_runs, pbt_lineages, write_report
 from gompertz_kd.schedules import Piecewise
 
 from helpers import tiny_kd_overrides
@@ -125,6 +126,12 @@ def test_explore_perturbs_the_copied_weight_and_the_replay_schedule_is_its_histo
     winner = summary["lineage"][summary["winner"]]
     assert replay["overrides"] == [f'method.terms.dist.schedule="{winner["schedules"]["dist"]}"']
     assert run.results[summary["winner"]]["pbt"]["winner"] is True
+    # the report draws every lineage from the members' results.json alone
+    runs = load_runs([tmp_path / "run" / "members"])
+    assert set(pbt_lineages(runs)) == {str(tmp_path / "run")}
+    write_report(runs, tmp_path / "report")
+    assert (tmp_path / "report" / "pbt_lineage.png").stat().st_size > 0
+    assert "PBT weight lineages" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_factor_arithmetic_of_one_round():

@@ -10,9 +10,11 @@ from gompertz_kd.schedules import (
     Gompertz,
     LinearWarmup,
     Logistic,
+    Piecewise,
     Schedule,
     Stage,
     gompertz,
+    make_schedule,
 )
 
 
@@ -87,7 +89,14 @@ def test_invalid_gompertz_parameters_name_the_parameter(kwargs, name):
 def test_progress_outside_unit_interval_is_rejected(t):
     with pytest.raises(ValueError, match="progress must be in \\[0, 1\\]"):
         gompertz(t, 1.0, 1.0, 1.0)
-    for schedule in (Gompertz(), Constant(), LinearWarmup(), CosineDecay(), Logistic()):
+    for schedule in (
+        Gompertz(),
+        Constant(),
+        LinearWarmup(),
+        CosineDecay(),
+        Logistic(),
+        Piecewise(),
+    ):
         with pytest.raises(ValueError, match="progress"):
             schedule(t)
     with pytest.raises(ValueError, match="progress"):
@@ -122,7 +131,57 @@ def test_ablation_schedules_reject_bad_parameters(cls, kwargs, name):
 
 
 def test_every_schedule_satisfies_the_protocol():
-    for schedule in (Gompertz(), Constant(), LinearWarmup(), CosineDecay(), Logistic()):
+    for schedule in (
+        Gompertz(),
+        Constant(),
+        LinearWarmup(),
+        CosineDecay(),
+        Logistic(),
+        Piecewise(),
+    ):
         assert isinstance(schedule, Schedule)
         assert 0 <= schedule(0.5) <= schedule.peak
     assert set(schedules.__all__) >= {"gompertz", "Gompertz", "Constant", "LinearWarmup"}
+
+
+def test_piecewise_is_a_step_function_of_progress():
+    schedule = Piecewise(boundaries=(0.25, 0.5), values=(1.0, 1.2, 0.96))
+    assert [schedule(t) for t in (0.0, 0.2499, 0.25, 0.49, 0.5, 1.0)] == [
+        1,
+        1,
+        1.2,
+        1.2,
+        0.96,
+        0.96,
+    ]
+    assert schedule.peak == 1.2
+    assert Piecewise()(0.7) == 1.0  # one segment: a constant
+
+
+def test_piecewise_written_three_ways_is_one_schedule(tmp_path):
+    want = Piecewise(boundaries=(0.25, 0.5), values=(1.0, 1.2, 0.96))
+    assert make_schedule("piecewise(1.0, 0.25:1.2, 0.5:0.96)") == want
+    assert make_schedule(want.text()) == want
+    assert (
+        make_schedule({"name": "piecewise", "boundaries": [0.25, 0.5], "values": [1, 1.2, 0.96]})
+        == want
+    )
+    path = tmp_path / "schedule.json"
+    path.write_text('{"name": "piecewise", "boundaries": [0.25, 0.5], "values": [1.0, 1.2, 0.96]}')
+    assert make_schedule(f"piecewise(file={path})") == want
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("piecewise(1, 0.5:2, 0.4:1)", "boundaries must be strictly increasing inside"),
+        ("piecewise(1, 1.0:2)", "boundaries must be strictly increasing inside"),
+        ("piecewise(1, 0.5:-2)", "values must be all >= 0"),
+        ("piecewise(1, 2)", "write piecewise"),
+        ("piecewise(file=/no/such/file.json)", "no schedule file"),
+        ({"name": "piecewise", "boundaries": [0.5], "values": [1.0]}, "one more value than"),
+    ],
+)
+def test_bad_piecewise_schedules_name_the_problem(spec, message):
+    with pytest.raises(ValueError, match=message):
+        make_schedule(spec, "method.terms.kd.schedule")

@@ -75,6 +75,7 @@ from gompertz_kd.config import CONFIG_DIR
 from gompertz_kd.fused import FusedStudents, fusable, student_signature
 from gompertz_kd.module import DistillationModule, NonFiniteLossError
 from gompertz_kd.objectives import Need
+from gompertz_kd.pbt import PBT_FILE, PBTController, PBTSettings, write_summary
 from gompertz_kd.run_files import HISTORY_FILE, RESULTS_FILE
 from gompertz_kd.run_parts import (
     TrainingRun,
@@ -736,6 +737,7 @@ def run_population(
     members_cfg = compose_members(cfg, base_overrides)
     objectives = {name: check_config(member) for name, (member, _) in members_cfg.items()}
     check_config(cfg)
+    pbt = pbt_controller(cfg, members_cfg, objectives)
     resume = resume_checkpoint(cfg, output_dir)
     distils = any(o.terms for o in objectives.values())
     L.seed_everything(cfg.seed, workers=True)
@@ -782,6 +784,8 @@ def run_population(
             callbacks.append(MemberWeightCallback(build(node), name))
     member_checkpoints = MemberCheckpoint(output_dir / MEMBERS_DIR)
     callbacks.append(member_checkpoints)
+    if pbt is not None:
+        callbacks.append(pbt)  # after the member checkpoints: it copies the bests they write
     loggers = instantiate_group(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
     expected = module.state_dict()
@@ -791,13 +795,50 @@ def run_population(
 
     results = _member_results(
         cfg, members_cfg, trainer, module, datamodule, member_checkpoints, output_dir,
-        start, teacher_provision_s,
+        start, teacher_provision_s, pbt,
     )  # fmt: skip
+    if pbt is not None and trainer.is_global_zero:
+        write_summary(output_dir / PBT_FILE, pbt.summary())
     return TrainingRun(results=results, module=module, trainer=trainer)
 
 
-def _member_results(
-    cfg, members_cfg, trainer, module, datamodule, checkpoints, output_dir, start, provision_s
+def pbt_controller(
+    cfg: DictConfig, members_cfg: Mapping[str, tuple[DictConfig, int]], objectives: Mapping
+) -> PBTController | None:
+    """The :class:`~gompertz_kd.pbt.PBTController` of ``population.pbt`` (``None`` without one),
+    its settings checked against the run before any teacher work."""
+    settings = PBTSettings.from_config(cfg.population.get("pbt"))
+    if settings is None:
+        return None
+    modes = {
+        name: str(OmegaConf.select(member, "callbacks.gompertz_weight.progress", default="clock"))
+        for name, (member, _) in members_cfg.items()
+    }
+    terms = settings.check_run(
+        list(members_cfg),
+        objectives,
+        cfg.trainer.get("max_epochs"),
+        int(cfg.data.get("val_split", 0) or 0),
+        cfg.trainer.get("check_val_every_n_epoch"),
+        modes,
+    )
+    seed = settings.seed
+    if seed is None:
+        seed = min(int(member_seed) for _, member_seed in members_cfg.values())
+    return PBTController(settings, list(members_cfg), terms, seed)
+
+
+def _member_results(  # fmt: skip
+    cfg,
+    members_cfg,
+    trainer,
+    module,
+    datamodule,
+    checkpoints,
+    output_dir,
+    start,
+    provision_s,
+    pbt=None,
 ) -> dict[str, dict[str, Any]]:
     names = list(module.members)
     final = _test_members(trainer, module, datamodule) if cfg.get("test") else {}
@@ -864,6 +905,8 @@ def _member_results(
             },
             "config": OmegaConf.to_container(member_cfg, resolve=True),
         }
+        if pbt is not None:
+            results["pbt"] = pbt.member_record(name)
         if trainer.is_global_zero:
             write_json_atomically(member_dir / RESULTS_FILE, results)
         out[name] = results

@@ -16,11 +16,13 @@ symmetric logistic curve.
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from enum import IntEnum
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -34,6 +36,7 @@ __all__ = [
     "Gompertz",
     "LinearWarmup",
     "Logistic",
+    "Piecewise",
     "Schedule",
     "Stage",
     "SCHEDULES",
@@ -251,6 +254,54 @@ class Logistic:
         return self.w_max
 
 
+@dataclass(frozen=True)
+class Piecewise:
+    """A step function of progress: ``values[0]`` before ``boundaries[0]``, ``values[i]`` from
+    ``boundaries[i - 1]`` on. The schedule population-based training finds
+    (:mod:`gompertz_kd.pbt`): each segment is the weight one member of the winning lineage trained
+    with, so replaying it from scratch tests the schedule rather than the lucky seed.
+
+    Written ``piecewise(1.0, 0.25:1.2, 0.5:0.96)`` (the first value, then ``progress:value`` where
+    a new value starts), as a mapping ``{name: piecewise, boundaries: [0.25, 0.5], values: [1.0,
+    1.2, 0.96]}``, or ``piecewise(file=<path>)`` naming a JSON or YAML file with that mapping.
+    """
+
+    boundaries: tuple[float, ...] = ()
+    values: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "boundaries", tuple(float(b) for b in self.boundaries))
+        object.__setattr__(self, "values", tuple(float(v) for v in self.values))
+        _require(
+            len(self.values) == len(self.boundaries) + 1,
+            "values",
+            list(self.values),
+            f"one more value than boundaries ({len(self.boundaries)} boundaries)",
+        )
+        _require(all(v >= 0 for v in self.values), "values", list(self.values), "all >= 0")
+        edges = (0.0, *self.boundaries, 1.0)
+        _require(
+            all(a < b for a, b in zip(edges, edges[1:], strict=False)),
+            "boundaries",
+            list(self.boundaries),
+            "strictly increasing inside (0, 1)",
+        )
+
+    def __call__(self, progress: float) -> float:
+        check_progress(progress)
+        return self.values[bisect.bisect_right(self.boundaries, progress)]
+
+    @property
+    def peak(self) -> float:
+        return max(self.values)
+
+    def text(self) -> str:
+        """The schedule as a command line writes it: ``piecewise(1.0, 0.25:1.2)``."""
+        parts = [f"{self.values[0]:.6g}"]
+        parts += [f"{b:.6g}:{v:.6g}" for b, v in zip(self.boundaries, self.values[1:], strict=True)]
+        return f"piecewise({', '.join(parts)})"
+
+
 # Schedule shapes by the names configs and command lines use.
 SCHEDULES: dict[str, type] = {
     "gompertz": Gompertz,
@@ -258,7 +309,45 @@ SCHEDULES: dict[str, type] = {
     "linear": LinearWarmup,
     "cosine": CosineDecay,
     "logistic": Logistic,
+    "piecewise": Piecewise,
 }
+
+
+def _piecewise(args: str, field: str, spec: str) -> Piecewise:
+    """``piecewise(...)``'s arguments: ``v0, t1:v1, ...`` or ``file=<path>``."""
+    items = [a.strip() for a in args.split(",") if a.strip()]
+    if len(items) == 1 and items[0].startswith("file="):
+        path = Path(items[0][len("file=") :].strip().strip("'\""))
+        if not path.is_file():
+            raise ValueError(f"{field}={spec!r}: no schedule file {path}")
+        import yaml
+
+        loaded = yaml.safe_load(path.read_text())  # JSON is YAML
+        if not isinstance(loaded, Mapping):
+            raise ValueError(f"{field}: {path} must hold a mapping with boundaries and values")
+        loaded = {k: v for k, v in loaded.items() if k != "name"}
+        return make_schedule({"name": "piecewise", **loaded}, field)
+    boundaries, values = [], []
+    try:
+        for i, item in enumerate(items):
+            if i == 0:
+                values.append(float(item))
+                continue
+            at, sep, value = item.partition(":")
+            if not sep:
+                raise ValueError
+            boundaries.append(float(at))
+            values.append(float(value))
+    except ValueError:
+        raise ValueError(
+            f"{field}={spec!r}: write piecewise(<first value>, <progress>:<value>, ...), e.g. "
+            "'piecewise(1.0, 0.25:1.2, 0.5:0.96)', or piecewise(file=<path>)"
+        ) from None
+    try:
+        return Piecewise(tuple(boundaries), tuple(values or [1.0]))
+    except ValueError as error:
+        raise ValueError(f"{field}: {error}") from None
+
 
 _SPEC = re.compile(r"^\s*([a-z_]+)\s*(?:\((.*)\))?\s*$")
 
@@ -292,6 +381,8 @@ def make_schedule(spec: object, field: str = "schedule") -> Schedule:
                 "optionally with parameters, e.g. 'gompertz(b=5, c=8)'"
             )
         name, args = match.group(1), match.group(2)
+        if name == "piecewise":
+            return _piecewise(args or "", field, spec)
         params = {}
         for item in filter(None, (a.strip() for a in (args or "").split(","))):
             key, _, value = item.partition("=")
