@@ -3,9 +3,11 @@
 import csv
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,8 @@ from gompertz_kd.report import load_runs, pbt_lineages, write_report
 from gompertz_kd.schedules import Piecewise
 
 from helpers import tiny_kd_overrides
+
+TESTS = Path(__file__).resolve().parent
 
 DIST = "{dist: ['method=dist']}"
 STEPS_PER_EPOCH = 3  # 20 tiny training images, 8 held out for val, batch 4
@@ -170,6 +174,40 @@ def test_interrupted_pbt_run_resumes_exactly(tiny_c10, cache, tmp_path):
     a = json.loads((tmp_path / "full" / "pbt.json").read_text())
     b = json.loads((run_dir / "pbt.json").read_text())
     assert a["rounds"] == b["rounds"] and a["lineage"] == b["lineage"]
+
+
+def test_hard_killed_pbt_run_resumes_from_the_epoch_end_checkpoint_exactly(
+    tiny_c10, cache, tmp_path
+):
+    # SIGKILL mid epoch 3, no handler and no mid-epoch checkpoint: the resume starts from the
+    # checkpoint written at the end of epoch 2, which must already hold that epoch's exploit step
+    full = pbt_run(tiny_c10, tmp_path / "full", cache, epochs=3)
+    run_dir = tmp_path / "killed"
+    overrides = [o for o in base(tiny_c10, run_dir, cache, 3) if not o.startswith("paths.output")]
+    spec = [
+        f"+population.members={DIST}", "+population.seeds=[0,1]", "+population.name=pbt_test",
+        "+population.pbt.interval=1", "+population.pbt.quantile=0.5",
+        f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    killer = [
+        "+callbacks.kill._target_=helpers.KillAt",
+        f"+callbacks.kill.step={2 * STEPS_PER_EPOCH + 1}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "gompertz_kd.run", *overrides, *spec, *killer],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    (controller,) = [v for k, v in state["callbacks"].items() if k == "PBTController"]
+    assert [r["epoch"] for r in controller["rounds"]] == [1, 2]
+    resumed = pbt_run(tiny_c10, run_dir, cache, "ckpt_path=last", epochs=3)
+    for name in full.module.members:
+        want = full.module.members[name].state_dict()
+        got = resumed.module.members[name].state_dict()
+        assert all(torch.equal(want[k], got[k]) for k in want), name
+        assert resumed.results[name]["pbt"] == full.results[name]["pbt"]
 
 
 @pytest.mark.parametrize(
