@@ -137,6 +137,8 @@ def test_explore_perturbs_the_copied_weight_and_the_replay_schedule_is_its_histo
     assert run.results[summary["winner"]]["pbt"]["winner"] is True
     # the report draws every lineage from the members' results.json alone
     runs = load_runs([tmp_path / "run" / "members"])
+    marks = sorted(r.config.split("]")[0] + "]" for r in runs)
+    assert marks == ["[PBT member]", "[PBT winner]"]  # a member is no run of its overrides
     assert set(pbt_lineages(runs)) == {str(tmp_path / "run")}
     write_report(runs, tmp_path / "report")
     assert (tmp_path / "report" / "pbt_lineage.png").stat().st_size > 0

@@ -233,9 +233,15 @@ def config_name(results: dict[str, Any], group_by: Sequence[str] = DEFAULT_GROUP
     - any other top-level results.json field (``student``, ``dataset``, ...) or dotted path in
       the resolved config (``model.kd_scale``) as ``key=value`` (``key=?`` where missing).
 
-    The default gives e.g. ``"c100_resnet50_mbv2 schedule.b=3"``.
+    The default gives e.g. ``"c100_resnet50_mbv2 schedule.b=3"``. A member of a PBT run
+    (:mod:`gompertz_kd.pbt`) is not a run of its overrides (the controller moved its weight), so
+    its configuration is marked ``[PBT winner]`` (the run's winner; one per PBT run) or ``[PBT
+    member]``.
     """
     parts = []
+    record = results.get("pbt")
+    if isinstance(record, dict):
+        parts.append("[PBT winner]" if record.get("winner") else "[PBT member]")
     for key in group_by:
         if key == "name":
             parts.append(str(results.get("name") or "?"))
