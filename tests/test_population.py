@@ -304,6 +304,25 @@ def test_non_finite_member_is_skipped_or_named(tiny_c10, cache, tmp_path):
         population(tiny_c10, tmp_path / "stop", cache, members)
 
 
+def test_sync_every_reads_the_members_flags_every_k_steps(tiny_c10, cache, tmp_path):
+    # no host sync in the step: the same training as checking every step ...
+    members = {"kd": ["method=kd"], "fitnet": ["method=fitnet"]}
+    every = population(tiny_c10, tmp_path / "every", cache, members)
+    deferred = population(tiny_c10, tmp_path / "deferred", cache, members, "model.sync_every=4")
+    for name in members:
+        want = every.module.members[name].state_dict()
+        got = deferred.module.members[name].state_dict()
+        assert all(torch.equal(want[k], got[k]) for k in want), name
+    # ... and a bad member is named at the next check, before any checkpoint after its step
+    bad = {
+        "ok": ["method=kd"],
+        "bad": ["method=kd", "method.mixing=additive", "method.terms.kd.scale=1e39"],
+    }
+    with pytest.raises(NonFiniteLossError, match=r"population members \['bad'\]: non-finite"):
+        population(tiny_c10, tmp_path / "bad", cache, bad, "model.sync_every=3")
+    assert not list((tmp_path / "bad").glob("checkpoints/*.ckpt"))
+
+
 def test_cli_population_run(tiny_c10, cache, tmp_path):
     run_dir = tmp_path / "cli"
     overrides = [o for o in base(tiny_c10, run_dir, cache) if not o.startswith("paths.output_dir")]

@@ -117,6 +117,7 @@ _SHARED_OPTIONS = (
     "gm_every",
     "gm_fraction",
     "channels_last",
+    "sync_every",
 )
 _OPTIMIZER_OPTIONS = ("lr", "momentum", "weight_decay", "lr_milestones", "lr_gamma")
 
@@ -182,6 +183,11 @@ class PopulationModule(L.LightningModule):
         # (the device and the images decide), and the fused members skipped at this step
         self._fused: list[tuple[list[str], FusedStudents]] | None = None
         self._skipped_fused: list[str] = []
+        # model.sync_every > 1: the members' finite-loss flags since the last host check (on the
+        # device) and the step they start at
+        self.sync_every = int(next(iter(members.values())).sync_every)
+        self._nonfinite_pending: Tensor | None = None
+        self._pending_since = 0
 
     # ------------------------------------------------------------------ fused members
     def fusion_groups(self) -> list[list[str]]:
@@ -295,11 +301,16 @@ class PopulationModule(L.LightningModule):
         losses = self.member_losses(images, targets, self.global_step, indices)
         batch_size = targets.shape[0]
         weighted = {n: m.weighted_total(losses[n][1]) for n, m in self.members.items()}
-        # one host sync for all members (not one each); summed over ranks so all decide alike
-        bad = torch.stack([~torch.isfinite(t) for t in weighted.values()]).float()
-        if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        non_finite = dict(zip(weighted, (bool(b) for b in bad.tolist()), strict=True))
+        bad = torch.stack([~torch.isfinite(t.detach()) for t in weighted.values()])
+        if self.sync_every > 1:  # no host sync in the step: read the flags every k steps
+            self._defer_finite_check(bad)
+            non_finite = dict.fromkeys(weighted, False)
+        else:
+            # one host sync for all members (not one each); summed over ranks so all decide alike
+            bad = bad.float()
+            if self.trainer.world_size > 1:
+                bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+            non_finite = dict(zip(weighted, (bool(b) for b in bad.tolist()), strict=True))
         totals, out = [], {}
         fused = {n for names, _ in self._fused or [] for n in names}
         self._skipped_fused = []
@@ -330,6 +341,37 @@ class PopulationModule(L.LightningModule):
         # disjoint parameters: the sum's gradient is each member's own, as if it trained alone
         out["loss"] = torch.stack(totals).sum()
         return out
+
+    def _defer_finite_check(self, bad: Tensor) -> None:
+        if self._nonfinite_pending is None:
+            self._nonfinite_pending, self._pending_since = bad, self.global_step
+        else:
+            self._nonfinite_pending = self._nonfinite_pending | bad
+        if (self.global_step + 1) % self.sync_every == 0:
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """Read the members' device-side flags of ``model.sync_every > 1`` (one host sync, on
+        every rank together) and raise :class:`~gompertz_kd.module.NonFiniteLossError` naming the
+        members whose loss was not finite since the last check. A no-op with ``sync_every=1``."""
+        pending, self._nonfinite_pending = self._nonfinite_pending, None
+        if pending is None:
+            return
+        pending = pending.float()
+        if self.trainer.world_size > 1:
+            pending = self.trainer.strategy.reduce(pending, reduce_op="sum")
+        bad = [n for n, b in zip(self.members, pending.tolist(), strict=True) if b]
+        if bad:
+            raise NonFiniteLossError(
+                f"population members {bad}: non-finite loss at a step between "
+                f"{self._pending_since} and {self.trainer.global_step} (epoch {self.current_epoch};"
+                f" the loss is checked every {self.sync_every} steps, model.sync_every). No "
+                "checkpoint was written after it. Lower their learning rate or term scale, or set "
+                "model.sync_every=1 to find the step and term"
+            )
+
+    def on_train_epoch_end(self) -> None:
+        self.check_finite()
 
     def on_after_backward(self) -> None:
         # A skipped member trained looped gets no gradient (None: SGD leaves it alone, no decay,
@@ -407,6 +449,8 @@ class PopulationModule(L.LightningModule):
         ]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None:  # never a checkpoint over an unchecked non-finite step
+            self.check_finite()
         # The shared teacher is saved once, under the lead member; restored for all on load.
         state = checkpoint["state_dict"]
         for prefix in self._teacher_copies():
