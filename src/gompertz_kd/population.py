@@ -55,6 +55,7 @@ import logging
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,8 @@ class PopulationModule(L.LightningModule):
         self.sync_every = int(next(iter(members.values())).sync_every)
         self._nonfinite_pending: Tensor | None = None
         self._pending_since = 0
+        # compile=step: the whole population's training forward as one graph (compile_step)
+        self._compiled_step: Callable[..., Any] | None = None
 
     # ------------------------------------------------------------------ fused members
     def fusion_groups(self) -> list[list[str]]:
@@ -211,7 +214,9 @@ class PopulationModule(L.LightningModule):
         if self._fused is not None:
             return self._fused
         fuse = self.fuse
-        compiled = any(m._compile_kwargs is not None for m in self.members.values())
+        compiled = self._compiled_step is not None or any(
+            m._compile_kwargs is not None for m in self.members.values()
+        )
         if fuse is True and compiled:
             raise ValueError(
                 "population.fuse=true with compile=true: compiling compiles each member's student, "
@@ -295,12 +300,103 @@ class PopulationModule(L.LightningModule):
             )
         return out
 
+    # ------------------------------------------------------------------ compiled step
+    def step_forward(
+        self, images: Tensor, targets: Tensor, indices: Tensor | None, weights: list[Tensor]
+    ) -> list[tuple[Tensor, Tensor, Tensor, Tensor | None]]:
+        """The population's training forward as a function of tensors alone, what
+        :meth:`compile_step` compiles: the teacher's pass once, then every member's student,
+        terms and weighted total (each member's
+        :meth:`~gompertz_kd.module.DistillationModule.step_forward` on the shared teacher pass).
+
+        Args:
+            images, targets, indices: the batch.
+            weights: per member, its ``(1 + T,)`` weights in its ``term_order``.
+
+        Returns:
+            per member, ``(total, student_logits, values, teacher_logits)``.
+        """
+        passes = self.teacher_passes(images, targets, None)
+        out = []
+        for (_, member), member_weights in zip(self.members.items(), weights, strict=True):
+            shared = passes.get(False) if member.teacher is not None else None
+            logits, terms, teacher_logits = member.compute_losses(
+                images, targets, None, indices, teacher=shared
+            )
+            values = torch.stack([terms[f"loss_{name}"] for name in member.term_order])
+            out.append(((member_weights * values).sum(), logits, values, teacher_logits))
+        return out
+
+    def compile_step(self, **compile_kwargs: Any) -> None:
+        """``torch.compile`` the whole population's training forward as one graph
+        (:meth:`step_forward`; on a GPU, ``mode="reduce-overhead"`` replays it as CUDA graphs).
+        The weights enter as tensors, so the members' schedules do not recompile it. Members are
+        then not fused (the compiled graph runs their own networks). A member whose terms need
+        the teacher's input gradient or the training progress makes the population fall back to
+        compiling each member's networks, with a warning (as a single run does)."""
+        blocked = sorted(
+            {
+                f"{name}.{term}"
+                for name, member in self.members.items()
+                for need in (Need.INPUT_GRAD, Need.PROGRESS)
+                for term in member.objective.names_needing(need)
+            }
+        )
+        if blocked:
+            warnings.warn(
+                f"compile_step: member terms {blocked} need the teacher's input gradient or the "
+                "training progress, which a compiled step cannot take; compiling each member's "
+                "networks only",
+                stacklevel=2,
+            )
+            for member in self.members.values():
+                member.compile_networks(**compile_kwargs)
+            return
+        self._compiled_step = torch.compile(self.step_forward, **compile_kwargs)
+
+    def apply_compile(self, setting: bool | str | None, **compile_kwargs: Any) -> None:
+        """The run's ``compile`` setting: ``"step"`` :meth:`compile_step`; ``True`` or
+        ``"networks"`` each member's networks; ``False`` / ``None`` nothing."""
+        if setting == "step":
+            self.compile_step(**compile_kwargs)
+        elif setting:
+            for member in self.members.values():
+                member.compile_networks(**compile_kwargs)
+
+    def _compiled_losses(
+        self, images: Tensor, targets: Tensor, indices: Tensor | None
+    ) -> tuple[dict[str, tuple[Tensor, dict[str, Tensor], Tensor | None]], dict[str, Tensor]]:
+        if self.lead is not None:  # the teacher runner is checked here, not in the graph
+            self.members[self.lead]._teacher_runner(images.device)
+            self.members[self.lead]._runner_checked = True
+        try:
+            results = self._compiled_step(
+                images,
+                targets,
+                indices,
+                [m.weight_vector(images.device) for m in self.members.values()],
+            )
+        finally:
+            if self.lead is not None:
+                self.members[self.lead]._runner_checked = False
+        losses, weighted = {}, {}
+        for (name, member), (total, logits, values, teacher_logits) in zip(
+            self.members.items(), results, strict=True
+        ):
+            terms = {f"loss_{t}": v for t, v in zip(member.term_order, values, strict=True)}
+            losses[name] = (logits, terms, teacher_logits)
+            weighted[name] = total
+        return losses, weighted
+
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict[str, Any] | None:
         images, targets, *rest = batch
         indices = rest[0] if rest else None
-        losses = self.member_losses(images, targets, self.global_step, indices)
         batch_size = targets.shape[0]
-        weighted = {n: m.weighted_total(losses[n][1]) for n, m in self.members.items()}
+        if self._compiled_step is not None:
+            losses, weighted = self._compiled_losses(images, targets, indices)
+        else:
+            losses = self.member_losses(images, targets, self.global_step, indices)
+            weighted = {n: m.weighted_total(losses[n][1]) for n, m in self.members.items()}
         bad = torch.stack([~torch.isfinite(t.detach()) for t in weighted.values()])
         if self.sync_every > 1:  # no host sync in the step: read the flags every k steps
             self._defer_finite_check(bad)
@@ -808,9 +904,7 @@ def run_population(
         )
     module = PopulationModule(members, fuse=fuse)
     if cfg.get("compile"):
-        # the population's own step drives the members, so compile=step compiles their networks
-        for member in members.values():
-            member.compile_networks()
+        module.apply_compile(cfg.compile)
     L.seed_everything(cfg.seed, workers=True)
 
     callbacks = [
