@@ -126,7 +126,9 @@ def ofd_loss(connected_s: Tensor, feature_t: Tensor, margin: Tensor) -> Tensor:
 
     The teacher target is ``max(t, margin)``; an element contributes ``(s - target)^2`` unless
     both ``s <= target`` and ``target <= 0`` (a student response already below a negative
-    target is as good as the target after the ReLU). The sum is divided by the element count.
+    target is as good as the target after the ReLU). Summed over channels and positions,
+    averaged over the batch, as the benchmark's ``feat_loss`` (``.mean(dim=0).sum()``): so the
+    published weight 0.001 applies to a loss of order ``C * H * W``.
 
     Source: Heo et al., ICCV 2019; mdistiller ``OFD.py`` (``ofd_loss_single``). The teacher map
     is average-pooled to the student's size first (as there). Benchmark defaults: every stage
@@ -152,7 +154,7 @@ def ofd_loss(connected_s: Tensor, feature_t: Tensor, margin: Tensor) -> Tensor:
         target = F.adaptive_avg_pool2d(target, connected_s.shape[-2:])
     target = torch.maximum(target, margin.view(1, -1, 1, 1).to(target.dtype))
     mask = (connected_s > target) | (target > 0)
-    return ((connected_s - target).square() * mask).sum() / connected_s.numel()
+    return ((connected_s - target).square() * mask).sum() / connected_s.shape[0]
 
 
 class OFDConnector(nn.Sequential):
