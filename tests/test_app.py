@@ -273,6 +273,7 @@ def test_launcher_configs_compose(launcher, target):
     assert cfg.hydra.launcher._target_ == target
 
 
+@pytest.mark.slow  # for its time; `make test-full` runs it
 def test_optuna_search_tunes_gompertz_on_held_out_validation(tiny_data, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")  # a default dependency; skip without
     sweep = tmp_path / "optuna"

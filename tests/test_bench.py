@@ -17,6 +17,7 @@ TINY = ["--teacher", "resnet14", "--student", "resnet8", "--num-classes", "10", 
 TINY += ["--device", "cpu"]
 
 
+@pytest.mark.slow  # for its time; `make test-full` runs it
 def test_report_lands_between_the_markers_and_keeps_the_hand_written_text(tmp_path):
     doc = tmp_path / "benchmarks.md"
     doc.write_text(
@@ -79,6 +80,7 @@ def _methods_table(report):
     return {cells[1]: cells for cells in ([c.strip() for c in r.split("|")[1:-1]] for r in rows)}
 
 
+@pytest.mark.slow  # for its time; `make test-full` runs it
 def test_methods_section_times_every_method_config_as_a_ratio_to_kd():
     report = bench.main(TINY + ["--sections", "methods", "--repeats", "1", "--warmup", "0"])
     table = _methods_table(report)

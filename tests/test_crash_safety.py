@@ -152,6 +152,7 @@ def test_killed_teacher_training_is_resumed_by_the_next_run_never_loaded(tiny_c1
     assert all(torch.equal(want[k], resumed[k]) for k in want)
 
 
+@pytest.mark.slow  # for its time; `make test-full` runs it
 def test_sweep_killed_between_jobs_never_counts_the_killed_job(tiny_c10, cache, tmp_path):
     sweep = tmp_path / "sweep"
     base = [

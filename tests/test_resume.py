@@ -185,6 +185,7 @@ def test_two_seeded_deterministic_quick_runs_are_bitwise_equal(tiny_c10, cache, 
     assert first_csv == second_csv
 
 
+@pytest.mark.slow  # for its time; `make test-full` runs it
 def test_rerunning_the_same_config_writes_a_new_directory(tiny_c10, cache, tmp_path):
     import os
 
