@@ -1,6 +1,7 @@
 """Population-based training of the distillation weight (gompertz_kd.pbt) on the tiny recipe."""
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -143,6 +144,17 @@ def test_explore_perturbs_the_copied_weight_and_the_replay_schedule_is_its_histo
     write_report(runs, tmp_path / "report")
     assert (tmp_path / "report" / "pbt_lineage.png").stat().st_size > 0
     assert "PBT weight lineages" in (tmp_path / "report" / "report.md").read_text()
+    # docs/pbt.md's table script reads the same files: the winner's schedule is its lineage's
+    spec = importlib.util.spec_from_file_location(
+        "pbt_table", TESTS.parent / "scripts" / "pbt_table.py"
+    )
+    pbt_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pbt_table)
+    winner_row, members_row = pbt_table.pbt_rows(tmp_path / "run")
+    assert (
+        f"winner `{summary['winner']}`" in winner_row and winner["schedules"]["dist"] in winner_row
+    )
+    assert "all 2 members" in members_row and "2 rounds" in members_row
 
 
 def test_factor_arithmetic_of_one_round():

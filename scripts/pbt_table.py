@@ -1,0 +1,93 @@
+"""docs/pbt.md's tables from kept results alone: each PBT run (its winner and its members, test
+top-1 read once at the end) beside the schedule study's fixed arms of the same method.
+
+    python scripts/pbt_table.py --pbt docs/results/pbt/dist_r0 [more runs] \
+        --study docs/results/schedule_study/study_dist [--replay docs/results/pbt/dist_replay]
+
+A PBT run directory holds ``pbt.json`` and ``members/<name>/results.json`` (or the members'
+directories directly); the study and replay directories hold members' directories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+
+def _runs(folder: Path) -> dict[str, dict]:
+    out = {}
+    for path in sorted(folder.glob("**/results.json")):
+        results = json.loads(path.read_text())
+        if results.get("status") == "completed":
+            out[path.parent.name] = results
+    return out
+
+
+def _pct(values: list[float]) -> str:
+    if not values:
+        return "—"
+    mean = 100 * statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def _top1(results: dict, which: str) -> float | None:
+    value = (results.get(which) or {}).get("top1")
+    return None if value is None else float(value)
+
+
+def pbt_rows(folder: Path) -> list[str]:
+    summary = json.loads((folder / "pbt.json").read_text())
+    runs = _runs(folder)
+    winner = runs[summary["winner"]]
+    members = [r for n, r in runs.items() if n in summary["members"]]
+    record = winner["pbt"]
+    copies = sum(len(r["copies"]) for r in summary["rounds"])
+    return [
+        f"| PBT `{folder.name}`: winner `{summary['winner']}` (val {100 * record['last_val_score']:.2f}) "
+        f"| 1 | {_pct([_top1(winner, 'test')])} | {_pct([_top1(winner, 'best')])} "
+        f"| `{record['schedules'][summary['terms'][0]]}` |",
+        f"| PBT `{folder.name}`: all {len(members)} members | {len(members)} "
+        f"| {_pct([_top1(r, 'test') for r in members])} "
+        f"| {_pct([_top1(r, 'best') for r in members])} | {len(summary['rounds'])} rounds, "
+        f"{copies} copies |",
+    ]
+
+
+def arm_rows(folder: Path, label: str) -> list[str]:
+    arms: dict[str, list[dict]] = {}
+    for name, results in _runs(folder).items():
+        arms.setdefault(results.get("name") or name, []).append(results)
+    return [
+        f"| {label} `{arm}` | {len(group)} | {_pct([_top1(r, 'test') for r in group])} "
+        f"| {_pct([_top1(r, 'best') for r in group])} | seeds "
+        f"{', '.join(str(r['seed']) for r in group)} |"
+        for arm, group in arms.items()
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pbt", nargs="+", type=Path, required=True)
+    parser.add_argument("--study", nargs="*", type=Path, default=[])
+    parser.add_argument("--replay", nargs="*", type=Path, default=[])
+    args = parser.parse_args(argv)
+    lines = [
+        "| run | n | top-1 % last epoch (test) | top-1 % best val epoch (test) | note |",
+        "|---|---|---|---|---|",
+    ]
+    for folder in args.pbt:
+        lines += pbt_rows(folder)
+    for folder in args.replay:
+        lines += arm_rows(folder, "replay")
+    for folder in args.study:
+        lines += arm_rows(folder, "study")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
