@@ -41,6 +41,8 @@ def _top1(results: dict, which: str) -> float | None:
 
 def pbt_rows(folder: Path) -> list[str]:
     summary = json.loads((folder / "pbt.json").read_text())
+    if summary.get("winner") is None:
+        raise SystemExit(f"{folder}: pbt.json names no winner (no validation ran)")
     runs = _runs(folder)
     winner = runs[summary["winner"]]
     members = [r for n, r in runs.items() if n in summary["members"]]

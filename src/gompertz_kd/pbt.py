@@ -143,6 +143,8 @@ class PBTSettings:
         val_split: int,
         check_val_every_n_epoch: int | None,
         progress_modes: Mapping[str, str],
+        val_check_interval: float | int | None = None,
+        limit_val_batches: float | int | None = None,
     ) -> list[str]:
         """Check the settings against the run before any teacher work; return the PBT terms.
 
@@ -172,7 +174,21 @@ class PBTSettings:
                 "population.pbt selects members on a held-out val split, and data.val_split=0 "
                 "validates on the test split: set data.val_split (e.g. 5000)"
             )
-        every = int(check_val_every_n_epoch or 1)
+        if val_check_interval not in (None, 1, 1.0):
+            raise ValueError(
+                f"population.pbt decides at epoch ends, and trainer.val_check_interval="
+                f"{val_check_interval} validates inside epochs: leave it at 1.0"
+            )
+        if limit_val_batches is not None and float(limit_val_batches) == 0:
+            raise ValueError(
+                "population.pbt ranks members on the val split, and trainer.limit_val_batches=0 "
+                "switches validation off: remove that setting"
+            )
+        if check_val_every_n_epoch is None:
+            raise ValueError(
+                "population.pbt needs trainer.check_val_every_n_epoch (an epoch count, e.g. 1)"
+            )
+        every = int(check_val_every_n_epoch)
         if self.interval % every:
             raise ValueError(
                 f"population.pbt.interval={self.interval} is not a multiple of "
@@ -180,12 +196,14 @@ class PBTSettings:
             )
         names = {n: tuple(o.names) for n, o in objectives.items()}
         first = next(iter(names.values()))
+        lead = next(iter(objectives.values()))
         for name, terms in names.items():
-            if terms != first:
+            if terms != first or _without_schedules(objectives[name]) != _without_schedules(lead):
                 raise ValueError(
-                    f"population.pbt: member {name!r} has terms {list(terms)} and "
-                    f"{members[0]!r} {list(first)}: PBT members train one method (a member copies "
-                    "another's whole state)"
+                    f"population.pbt: member {name!r} and member {members[0]!r} differ in their "
+                    f"objective (terms {list(terms)} and {list(first)}, or their scales, mixing or "
+                    "term settings): PBT members train one method (a member copies another's "
+                    "whole state)"
                 )
         if not first:
             raise ValueError("population.pbt: the members' method has no distillation term")
@@ -193,6 +211,15 @@ class PBTSettings:
         missing = [t for t in terms if t not in first]
         if missing or not terms:
             raise ValueError(f"population.pbt.terms={terms}: the method's terms are {list(first)}")
+        if not math.isfinite(self.high):
+            raise ValueError(f"population.pbt.high={self.high} must be finite")
+        for term in terms:
+            cap = _convex_cap(lead, term)
+            if cap is not None and min(self.high, cap) <= self.low:
+                raise ValueError(
+                    f"population.pbt.low={self.low}: under convex mixing {term}_weight <= 1, so its "
+                    f"multiple of the scale {lead.scales[term]} is at most {cap:g}; use a low below it"
+                )
         for name, mode in progress_modes.items():
             if mode != "clock":
                 raise ValueError(
@@ -228,16 +255,15 @@ class PBTController(L.Callback):
         self.rounds: list[dict[str, Any]] = []
         self.last_scores: dict[str, float] = {}
         self.last_epoch: int | None = None
-        self.high: dict[str, float] = {}
 
     # ------------------------------------------------------------------ schedules
     def bounds(self, pl_module: Any, term: str) -> tuple[float, float]:
         """``(low, high)`` of ``term``'s weight multiple; ``high`` clipped to convex mixing's 1."""
         objective = next(iter(pl_module.members.values())).objective
-        high = self.settings.high
-        if objective.mixing == "convex" and term == objective.mixing_term:
-            high = min(high, 1.0 / objective.scales[term])
-        return self.settings.low, high
+        cap = _convex_cap(objective, term)
+        return self.settings.low, self.settings.high if cap is None else min(
+            self.settings.high, cap
+        )
 
     def draw(self, pl_module: Any, term: str) -> float:
         low, high = self.bounds(pl_module, term)
@@ -315,10 +341,11 @@ class PBTController(L.Callback):
         decisions = self.decide(scores)
         if trainer.world_size > 1:
             lead = trainer.strategy.broadcast(decisions, src=0)
-            if lead != decisions:
+            if not trainer.strategy.reduce_boolean_decision(lead == decisions, all=True):
                 raise RuntimeError(
-                    f"population.pbt: rank {trainer.global_rank} decided {decisions}, rank 0 "
-                    f"{lead}: the val scores were not reduced alike on every process"
+                    f"population.pbt: the processes took different decisions (rank "
+                    f"{trainer.global_rank}: {decisions}; rank 0: {lead}): the val scores were not "
+                    "reduced alike on every process"
                 )
         progress = self.boundary(trainer)
         sources = {name: copy.deepcopy(self.lineage[source]) for name, source, _ in decisions}
@@ -378,7 +405,12 @@ class PBTController(L.Callback):
 
         members = pl_module.members
         with torch.no_grad():
-            members[target].load_state_dict(pl_module.member_state(source), strict=False)
+            result = members[target].load_state_dict(pl_module.member_state(source), strict=False)
+        wrong = list(result.unexpected_keys) + [
+            k for k in result.missing_keys if not k.startswith("teacher.")
+        ]
+        if wrong:
+            raise RuntimeError(f"population.pbt: copying {source!r} to {target!r} misses {wrong}")
         for optimizer in trainer.optimizers:
             for p_src, p_dst in zip(
                 members[source].trainable_parameters(),
@@ -408,6 +440,13 @@ class PBTController(L.Callback):
                     _copy_checkpoint(
                         callback.path(source, which), callback.path(target, which), target
                     )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self.last_epoch is None:
+            raise ValueError(
+                "population.pbt: no validation ran, so no member was ranked; PBT needs the val "
+                "split validated every epoch (trainer.limit_val_batches, check_val_every_n_epoch)"
+            )
 
     # ------------------------------------------------------------------ results
     def winner(self) -> str | None:
@@ -488,6 +527,26 @@ class PBTController(L.Callback):
         self.rounds = copy.deepcopy(state_dict["rounds"])
         self.last_scores = dict(state_dict["last_scores"])
         self.last_epoch = state_dict["last_epoch"]
+
+
+def _convex_cap(objective: Any, term: str) -> float | None:
+    """The largest multiple of ``term``'s scale convex mixing allows (its weight <= 1), or None."""
+    if objective.mixing == "convex" and term == objective.mixing_term:
+        return 1.0 / objective.scales[term]
+    return None
+
+
+def _without_schedules(objective: Any) -> tuple:
+    """What must be equal between PBT members' objectives: everything but the schedules."""
+    return (
+        objective.mixing,
+        objective.mixing_term,
+        objective.ce_weight,
+        tuple(
+            (name, objective.scales[name], repr(term.spec()))
+            for name, term in objective.terms.items()
+        ),
+    )
 
 
 def _copy_checkpoint(source: Path, target: Path, member: str) -> None:

@@ -959,6 +959,8 @@ def pbt_controller(
         int(cfg.data.get("val_split", 0) or 0),
         cfg.trainer.get("check_val_every_n_epoch"),
         modes,
+        cfg.trainer.get("val_check_interval"),
+        cfg.trainer.get("limit_val_batches"),
     )
     seed = settings.seed
     if seed is None:

@@ -297,8 +297,10 @@ class Piecewise:
 
     def text(self) -> str:
         """The schedule as a command line writes it: ``piecewise(1.0, 0.25:1.2)``."""
-        parts = [f"{self.values[0]:.6g}"]
-        parts += [f"{b:.6g}:{v:.6g}" for b, v in zip(self.boundaries, self.values[1:], strict=True)]
+        # repr: the shortest text that reads back to the same float (a rounded boundary could
+        # move a switch by a step, a rounded cap break convex mixing's weight <= 1)
+        parts = [repr(self.values[0])]
+        parts += [f"{b!r}:{v!r}" for b, v in zip(self.boundaries, self.values[1:], strict=True)]
         return f"piecewise({', '.join(parts)})"
 
 
