@@ -178,14 +178,21 @@ def test_factor_arithmetic_of_one_round():
     assert again.decide({"a": 0.3, "b": 0.2, "c": 0.1, "d": 0.0}) == after
 
 
-def test_interrupted_pbt_run_resumes_exactly(tiny_c10, cache, tmp_path):
+@pytest.mark.parametrize("where", ["step", "validation"])
+def test_interrupted_pbt_run_resumes_exactly(tiny_c10, cache, tmp_path, where):
     full = pbt_run(tiny_c10, tmp_path / "full", cache, epochs=3)
     run_dir = tmp_path / "interrupted"
-    killer = [
-        "+callbacks.kill._target_=helpers.SendSignalAt",
-        f"+callbacks.kill.step={STEPS_PER_EPOCH + 1}",  # in epoch 2, after the first exploit
-        f"+callbacks.kill.signum={int(signal.SIGTERM)}",
-    ]
+    if where == "step":  # in epoch 2, after the first exploit
+        killer = [
+            "+callbacks.kill._target_=helpers.SendSignalAt",
+            f"+callbacks.kill.step={STEPS_PER_EPOCH + 1}",
+        ]
+    else:  # during the validation whose scores decide the second exploit
+        killer = [
+            "+callbacks.kill._target_=helpers.SendSignalInValidation",
+            "+callbacks.kill.epoch=1",
+        ]
+    killer.append(f"+callbacks.kill.signum={int(signal.SIGTERM)}")
     with pytest.raises(RunInterrupted):
         pbt_run(tiny_c10, run_dir, cache, *killer, epochs=3)
     assert not (run_dir / "pbt.json").exists()
@@ -198,6 +205,7 @@ def test_interrupted_pbt_run_resumes_exactly(tiny_c10, cache, tmp_path):
     a = json.loads((tmp_path / "full" / "pbt.json").read_text())
     b = json.loads((run_dir / "pbt.json").read_text())
     assert a["rounds"] == b["rounds"] and a["lineage"] == b["lineage"]
+    assert resumed.module.best == full.module.best
 
 
 def test_hard_killed_pbt_run_resumes_from_the_epoch_end_checkpoint_exactly(
