@@ -85,18 +85,14 @@ def test_invalid_gompertz_parameters_name_the_parameter(kwargs, name):
         Gompertz(**kwargs)
 
 
+EVERY_SCHEDULE = (Gompertz(), Constant(), LinearWarmup(), CosineDecay(), Logistic(), Piecewise())
+
+
 @pytest.mark.parametrize("t", [-0.01, 1.01, float("nan")])
 def test_progress_outside_unit_interval_is_rejected(t):
     with pytest.raises(ValueError, match="progress must be in \\[0, 1\\]"):
         gompertz(t, 1.0, 1.0, 1.0)
-    for schedule in (
-        Gompertz(),
-        Constant(),
-        LinearWarmup(),
-        CosineDecay(),
-        Logistic(),
-        Piecewise(),
-    ):
+    for schedule in EVERY_SCHEDULE:
         with pytest.raises(ValueError, match="progress"):
             schedule(t)
     with pytest.raises(ValueError, match="progress"):
@@ -131,14 +127,7 @@ def test_ablation_schedules_reject_bad_parameters(cls, kwargs, name):
 
 
 def test_every_schedule_satisfies_the_protocol():
-    for schedule in (
-        Gompertz(),
-        Constant(),
-        LinearWarmup(),
-        CosineDecay(),
-        Logistic(),
-        Piecewise(),
-    ):
+    for schedule in EVERY_SCHEDULE:
         assert isinstance(schedule, Schedule)
         assert 0 <= schedule(0.5) <= schedule.peak
     assert set(schedules.__all__) >= {"gompertz", "Gompertz", "Constant", "LinearWarmup"}
