@@ -338,7 +338,7 @@ def test_sync_every_stops_within_k_steps_and_writes_no_checkpoint_after(tmp_path
         )
     assert steps == list(range(8))  # the host read the flag at the end of step 7, not before
     # no checkpoint is saved over the unchecked step: saving checks first
-    module._nonfinite_pending = torch.tensor(True)
+    module._finite_check.pending = torch.tensor(True)
     with pytest.raises(NonFiniteLossError):
         module.on_save_checkpoint({})
 

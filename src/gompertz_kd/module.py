@@ -65,6 +65,31 @@ class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite during training."""
 
 
+class DeferredFiniteCheck:
+    """The device-side record behind ``model.sync_every > 1``: every training step ors in whether
+    its loss was not finite (one flag, or one per population member) without a host
+    synchronisation; the host reads the record every ``every`` steps, at epoch ends and before a
+    checkpoint is written (:meth:`take`)."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.pending: Tensor | None = None
+        self.since = 0  # the first step the pending flags cover
+
+    def add(self, bad: Tensor, step: int) -> bool:
+        """Or in the flags of training step ``step``; whether the host should read them now."""
+        if self.pending is None:
+            self.pending, self.since = bad, step
+        else:
+            self.pending = self.pending | bad
+        return (step + 1) % self.every == 0
+
+    def take(self) -> Tensor | None:
+        """The flags since the last read (``None`` if no step came since), clearing them."""
+        pending, self.pending = self.pending, None
+        return pending
+
+
 def benchmark_lr(student: str) -> float:
     """Initial learning rate of the CRD / mdistiller recipe: 0.01 for the MobileNetV2 and
     ShuffleNet students, 0.05 for every other network."""
@@ -241,10 +266,7 @@ class DistillationModule(L.LightningModule):
         self._teacher_cache: tuple[tuple, tuple, Callable[[Tensor], StageOutput]] | None = None
         self._compile_kwargs: dict[str, Any] | None = None
         self.sync_every = sync_every
-        # sync_every > 1: whether a step since the last check had a non-finite loss (on the
-        # device), and the first step it covers
-        self._nonfinite_pending: Tensor | None = None
-        self._pending_since = 0
+        self._finite_check = DeferredFiniteCheck(sync_every)
         # compile_step(): the compiled step_forward, and whether the teacher's runner was checked
         # outside it for this call
         self._compiled_step: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor | None]] | None = (
@@ -588,24 +610,19 @@ class DistillationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ deferred finite check
     def _defer_finite_check(self, total: Tensor) -> None:
-        bad = ~torch.isfinite(total.detach())
-        if self._nonfinite_pending is None:
-            self._nonfinite_pending, self._pending_since = bad, self.global_step
-        else:
-            self._nonfinite_pending = self._nonfinite_pending | bad
-        if (self.global_step + 1) % self.sync_every == 0:
+        if self._finite_check.add(~torch.isfinite(total.detach()), self.global_step):
             self.check_finite()
 
     def check_finite(self) -> None:
         """Read the device-side flag of ``sync_every > 1`` (a host synchronisation, taken by
         every rank together) and raise :class:`NonFiniteLossError` if a loss since the last
         check was not finite. A no-op with ``sync_every=1``."""
-        pending, self._nonfinite_pending = self._nonfinite_pending, None
+        pending = self._finite_check.take()
         if pending is None:
             return
         if self.trainer.strategy.reduce_boolean_decision(bool(pending), all=False):
             raise NonFiniteLossError(
-                f"non-finite loss at a step between {self._pending_since} and "
+                f"non-finite loss at a step between {self._finite_check.since} and "
                 f"{self.trainer.global_step} (epoch {self.current_epoch}; the loss is checked "
                 f"every {self.sync_every} steps, model.sync_every). No checkpoint was written "
                 "after it. Lower the learning rate or a term's scale, or set model.sync_every=1 "

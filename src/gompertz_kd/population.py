@@ -74,7 +74,7 @@ from torch.nn import functional as F
 from gompertz_kd.callbacks import GompertzWeightCallback, RunTimer
 from gompertz_kd.config import CONFIG_DIR
 from gompertz_kd.fused import FusedStudents, fusable, student_signature
-from gompertz_kd.module import DistillationModule, NonFiniteLossError
+from gompertz_kd.module import DeferredFiniteCheck, DistillationModule, NonFiniteLossError
 from gompertz_kd.objectives import Need
 from gompertz_kd.pbt import PBT_FILE, PBTController, PBTSettings, write_summary
 from gompertz_kd.run_files import HISTORY_FILE, RESULTS_FILE
@@ -184,11 +184,9 @@ class PopulationModule(L.LightningModule):
         # (the device and the images decide), and the fused members skipped at this step
         self._fused: list[tuple[list[str], FusedStudents]] | None = None
         self._skipped_fused: list[str] = []
-        # model.sync_every > 1: the members' finite-loss flags since the last host check (on the
-        # device) and the step they start at
+        # model.sync_every > 1: the members' finite-loss flags since the last host check
         self.sync_every = int(next(iter(members.values())).sync_every)
-        self._nonfinite_pending: Tensor | None = None
-        self._pending_since = 0
+        self._finite_check = DeferredFiniteCheck(self.sync_every)
         # compile=step: the whole population's training forward as one graph (compile_step)
         self._compiled_step: Callable[..., Any] | None = None
 
@@ -439,18 +437,14 @@ class PopulationModule(L.LightningModule):
         return out
 
     def _defer_finite_check(self, bad: Tensor) -> None:
-        if self._nonfinite_pending is None:
-            self._nonfinite_pending, self._pending_since = bad, self.global_step
-        else:
-            self._nonfinite_pending = self._nonfinite_pending | bad
-        if (self.global_step + 1) % self.sync_every == 0:
+        if self._finite_check.add(bad, self.global_step):
             self.check_finite()
 
     def check_finite(self) -> None:
         """Read the members' device-side flags of ``model.sync_every > 1`` (one host sync, on
         every rank together) and raise :class:`~gompertz_kd.module.NonFiniteLossError` naming the
         members whose loss was not finite since the last check. A no-op with ``sync_every=1``."""
-        pending, self._nonfinite_pending = self._nonfinite_pending, None
+        pending = self._finite_check.take()
         if pending is None:
             return
         pending = pending.float()
@@ -460,7 +454,7 @@ class PopulationModule(L.LightningModule):
         if bad:
             raise NonFiniteLossError(
                 f"population members {bad}: non-finite loss at a step between "
-                f"{self._pending_since} and {self.trainer.global_step} (epoch {self.current_epoch};"
+                f"{self._finite_check.since} and {self.trainer.global_step} (epoch {self.current_epoch};"
                 f" the loss is checked every {self.sync_every} steps, model.sync_every). No "
                 "checkpoint was written after it. Lower their learning rate or term scale, or set "
                 "model.sync_every=1 to find the step and term"
