@@ -320,22 +320,35 @@ def test_fused_population_run_checkpoints_and_resumes_like_the_looped_one(
 
 
 @pytest.mark.slow
-def test_bench_population_section_times_fused_against_looped():
-    """``--sections population`` with K = 4 resnet8 members: a fused / looped column, and the
-    fused population's target among the targets."""
+def test_bench_population_section_times_fused_and_compiled_against_looped():
+    """``--sections population --compile`` with K = 4 resnet8 members: fused / looped and
+    compiled / looped columns, and both populations' targets among the targets."""
     from gompertz_kd import bench
 
     argv = ["--teacher", "resnet20", "--student", "resnet8", "--num-classes", "10"]
     argv += ["--batch", "4", "--device", "cpu", "--repeats", "2", "--warmup", "0"]
-    argv += ["--sections", "population", "--population", "schedules_kd"]
+    argv += ["--sections", "population", "--population", "schedules_kd", "--compile"]
     argv += ["--population-sizes", "4", "--population-singles", "0", "--train-images", "64"]
     report = bench.main(argv)
-    row = next(r for r in report.splitlines() if r.startswith("| resnet20 → resnet8 | 4 |"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[-3] == "4" and float(cells[-2]) > 0  # all four fused, its ms/step
-    assert float(cells[-1].split(" (")[0]) > 0
-    target = next(r for r in report.split("### Targets")[1].splitlines() if "fused population" in r)
-    assert "K = 4 resnet8" in target and ("| met |" in target or "**not met**" in target)
+    lines = report.splitlines()
+    header = next(r for r in lines if r.startswith("| pair | K |"))
+    row = next(r for r in lines if r.startswith("| resnet20 → resnet8 | 4 |"))
+    cells = dict(
+        zip(
+            [c.strip() for c in header.strip("|").split("|")],
+            [c.strip() for c in row.strip("|").split("|")],
+            strict=True,
+        )
+    )
+    assert cells["fused members"] == "4" and float(cells["fused ms/step"]) > 0  # all four fused
+    assert float(cells["fused / looped (median, min–max)"].split(" (")[0]) > 0
+    assert float(cells["compiled ms/step"]) > 0
+    assert float(cells["compiled / looped (median, min–max)"].split(" (")[0]) > 0
+    assert any("compile=step: first step" in r for r in lines)
+    targets = report.split("### Targets")[1].splitlines()
+    for needle in ("fused population", "compiled population step"):
+        target = next(r for r in targets if needle in r)
+        assert "K = 4 resnet8" in target and ("| met |" in target or "**not met**" in target)
 
 
 @pytest.mark.slow

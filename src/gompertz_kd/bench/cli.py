@@ -69,7 +69,7 @@ def _population(args: argparse.Namespace, setup: Setup, memory: list) -> list[Po
             _progress(f"population {args.population}, K={size}")
             rows += population_rows(
                 setup, case, [size], args.repeats, args.warmup, args.train_images, memory,
-                compare=size in compared,
+                compare=size in compared, compile_too=args.compile,
             )  # fmt: skip
         return rows
     rows = []
@@ -85,8 +85,9 @@ def _population(args: argparse.Namespace, setup: Setup, memory: list) -> list[Po
         )
         pair.deadline = setup.deadline
         rows += population_rows(
-            pair, case, case.sizes, args.repeats, args.warmup, args.train_images, memory
-        )
+            pair, case, case.sizes, args.repeats, args.warmup, args.train_images, memory,
+            compile_too=case.compiled and args.compile,
+        )  # fmt: skip
     return rows
 
 

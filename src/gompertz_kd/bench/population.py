@@ -12,11 +12,16 @@ three times). Peak memory per extra member: (population peak - one member's sing
 Beside it, the same population with its fused members (``PopulationModule(fuse=True)``: the
 students of one architecture as one network, :mod:`gompertz_kd.fused`; members with gradient
 matching stay looped) is timed in the same rounds; *fused / looped* is taken within each round.
+With ``--compile`` (cases marked ``compiled``, or every ``--population`` size), the looped
+population's whole forward compiled as one graph (``compile=step``,
+:meth:`~gompertz_kd.population.PopulationModule.compile_step`) is timed in the same rounds too;
+*compiled / looped* is taken within each round, and its compile time is a note.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +37,7 @@ from gompertz_kd.run_parts import build_objective
 
 __all__ = [
     "POPULATION_CASES",
+    "compiled_ratio_name",
     "fused_ratio_name",
     "PopulationCase",
     "PopulationRow",
@@ -54,15 +60,18 @@ class PopulationCase:
     population: str
     sizes: tuple[int, ...]
     target: float | None = None
+    # with --compile, also time the population's step compiled as one graph (compile=step)
+    compiled: bool = False
 
 
 # What `make bench` times: the paper's table as one population; the same pair with KD-only
 # members (four schedules and two replicas: what sharing the teacher saves when no member has
-# gradient matching's per-student double backward); and the CPU schedule comparison.
+# gradient matching's per-student double backward); and the CPU schedule comparison, also
+# compiled (on the CPU the small pair's graph compiles in about a minute, the paper pair's in many).
 POPULATION_CASES = (
     PopulationCase("ResNet50", "MobileNetV2", 100, "paper_table", (6,), target=0.25),
     PopulationCase("ResNet50", "MobileNetV2", 100, "schedules_kd", (6,)),
-    PopulationCase("resnet20", "resnet8", 10, "schedules_kd", (4,), target=0.8),
+    PopulationCase("resnet20", "resnet8", 10, "schedules_kd", (4,), target=0.8, compiled=True),
 )
 
 
@@ -81,15 +90,26 @@ class PopulationRow:
     fused_members: list[str] = field(default_factory=list)
     fused_ratio: tuple[float, float, float] | None = None  # fused / looped step, per round
     student: str = ""
+    compiled: Any = None  # bench.Result of the compiled (compile=step) population step, or None
+    compiled_ratio: tuple[float, float, float] | None = None  # compiled / looped, per round
 
     @property
     def fused_ratio_name(self) -> str:
         return fused_ratio_name(self.student, len(self.members))
 
+    @property
+    def compiled_ratio_name(self) -> str:
+        return compiled_ratio_name(self.student, len(self.members))
+
 
 def fused_ratio_name(student: str, size: int) -> str:
     """The name a fused / looped population ratio is stated under (and its target reads)."""
     return f"fused / looped population step, K = {size} {student} members"
+
+
+def compiled_ratio_name(student: str, size: int) -> str:
+    """The name a compiled / looped (eager) population ratio is stated under."""
+    return f"compiled (compile=step) / eager population step, K = {size} {student} members"
 
 
 class PopulationLoop:
@@ -112,8 +132,12 @@ class PopulationLoop:
             member.set_progress((self.step_index % 1000) / 1000)
         self.optimizer.zero_grad(set_to_none=True)
         with self.setup.autocast():
-            losses = self.population.member_losses(images, targets, self.step_index, indices)
-            total = sum(members[n].weighted_total(terms) for n, (_, terms, _) in losses.items())
+            if self.population._compiled_step is not None:  # compile=step: one graph
+                _, weighted = self.population._compiled_losses(images, targets, indices)
+                total = sum(weighted.values())
+            else:
+                losses = self.population.member_losses(images, targets, self.step_index, indices)
+                total = sum(members[n].weighted_total(t) for n, (_, t, _) in losses.items())
         total.backward()
         self.optimizer.step()
         self.last_total = total.detach()
@@ -148,8 +172,10 @@ def population_rows(
     num_train_samples: int,
     memory: list,
     compare: bool = True,
+    compile_too: bool = False,
 ) -> list[PopulationRow]:
-    """Time the population of each size against its members' single steps (``compare``)."""
+    """Time the population of each size against its members' single steps (``compare``), fused,
+    and (``compile_too``, where no member's term blocks it) compiled as one graph."""
     from gompertz_kd.bench import harness as bench  # Case, PlainLoop, timed, run_round_robin
 
     rows = []
@@ -202,6 +228,37 @@ def population_rows(
                     memory=fused_loop,
                 )
             )
+        # and the looped members' whole forward compiled as one graph (compile=step)
+        compiled_loop, compiled_label, compile_note = None, f"compiled population K={size}", None
+        blocked = [
+            name
+            for name, module in modules.items()
+            for need in (Need.INPUT_GRAD, Need.PROGRESS)
+            if module.objective.names_needing(need)
+        ]
+        if compile_too and blocked:
+            compile_note = f"not compiled: members {sorted(set(blocked))} cannot take compile=step"
+        elif compile_too:
+            compiled_population = PopulationModule(modules, fuse=False)
+            compiled_population.compile_step()
+            compiled_loop = PopulationLoop(
+                setup,
+                compiled_population,
+                bench._forever(setup.tensor_loader(with_indices=with_indices)),
+            )
+            start = time.perf_counter()
+            compiled_loop()  # compiles here, not inside the first timed round
+            compile_note = (
+                f"compile=step: first step {time.perf_counter() - start:.0f} s (compiles)"
+            )
+            cases.append(
+                bench.Case(
+                    compiled_label,
+                    bench.timed(compiled_loop, setup.device),
+                    setup.batch,
+                    memory=compiled_loop,
+                )
+            )
         results = bench.run_round_robin(cases, repeats, warmup, setup.deadline)
         memory.append((results[label], loop))
         row = PopulationRow(
@@ -216,6 +273,14 @@ def population_rows(
         )
         if refused is not None:
             row.notes.append(f"not fused: {refused}")
+        if compile_note is not None:
+            row.notes.append(compile_note)
+        if compiled_loop is not None:
+            row.compiled = results[compiled_label]
+            memory.append((row.compiled, compiled_loop))
+            row.compiled_ratio = bench.summarize(
+                [c / p for c, p in zip(row.compiled.seconds, results[label].seconds, strict=True)]
+            )
         if fused_loop is not None:
             row.fused = results[fused_label]
             memory.append((row.fused, fused_loop))
@@ -246,8 +311,9 @@ def population_table(rows: Sequence[PopulationRow]) -> list[str]:
     lines = [
         "| pair | K | members | population ms/step | Σ single steps ms | population / Σ singles "
         "(median, min–max) | target | member-images/s | peak MiB | MiB per extra member "
-        "| fused members | fused ms/step | fused / looped (median, min–max) |",
-        "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| fused members | fused ms/step | fused / looped (median, min–max) "
+        "| compiled ms/step | compiled / looped (median, min–max) |",
+        "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         k = len(row.members)
@@ -274,7 +340,8 @@ def population_table(rows: Sequence[PopulationRow]) -> list[str]:
         lines.append(
             f"| {row.pair} | {k} | {shown} | {ms:.0f} | {singles} | {ratio} | {target} | "
             f"{k * row.result.images_per_step / row.result.median:.0f} | "
-            f"{'n/a' if peak is None else f'{peak:.0f}'} | {extra} | {_fused_cells(row)} |"
+            f"{'n/a' if peak is None else f'{peak:.0f}'} | {extra} | {_fused_cells(row)} | "
+            f"{_compiled_cells(row)} |"
         )
     notes = [f"- {row.pair}, K = {len(row.members)}: {note}" for row in rows for note in row.notes]
     return lines + ([""] + notes if notes else [])
@@ -288,3 +355,11 @@ def _fused_cells(row: PopulationRow) -> str:
     return (
         f"{len(row.fused_members)} | {row.fused.median * 1e3:.0f} | {med:.2f} ({lo:.2f}–{hi:.2f})"
     )
+
+
+def _compiled_cells(row: PopulationRow) -> str:
+    """``compiled ms/step | compiled / looped``."""
+    if row.compiled is None or row.compiled_ratio is None:
+        return "— | —"
+    med, lo, hi = row.compiled_ratio
+    return f"{row.compiled.median * 1e3:.0f} | {med:.2f} ({lo:.2f}–{hi:.2f})"
