@@ -5,13 +5,16 @@ top-1 read once at the end) beside the schedule study's fixed arms of the same m
         --study docs/results/schedule_study/study_dist [--replay docs/results/pbt/dist_replay]
 
 A PBT run directory holds ``pbt.json`` and ``members/<name>/results.json`` (or the members'
-directories directly); the study and replay directories hold members' directories.
+directories directly); the study and replay directories hold members' directories. With
+``--replay`` and ``--study``, a second table pairs each replay with each study arm by init seed
+(same data seed and teacher): the per-seed differences of last-epoch test top-1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -51,7 +54,7 @@ def pbt_rows(folder: Path) -> list[str]:
     return [
         f"| PBT `{folder.name}`: winner `{summary['winner']}` (val {100 * record['last_val_score']:.2f}) "
         f"| 1 | {_pct([_top1(winner, 'test')])} | {_pct([_top1(winner, 'best')])} "
-        f"| `{record['schedules'][summary['terms'][0]]}` |",
+        f"| `{_short(record['schedules'][summary['terms'][0]])}` |",
         f"| PBT `{folder.name}`: all {len(members)} members | {len(members)} "
         f"| {_pct([_top1(r, 'test') for r in members])} "
         f"| {_pct([_top1(r, 'best') for r in members])} | {len(summary['rounds'])} rounds, "
@@ -59,10 +62,45 @@ def pbt_rows(folder: Path) -> list[str]:
     ]
 
 
-def arm_rows(folder: Path, label: str) -> list[str]:
+def _short(schedule: str) -> str:
+    """A schedule's text with its numbers at 6 significant digits (``pbt.json`` has them exact)."""
+    return re.sub(r"\d+\.\d{7,}", lambda m: f"{float(m.group()):.6g}", schedule)
+
+
+def _arms(folder: Path) -> dict[str, list[dict]]:
     arms: dict[str, list[dict]] = {}
     for name, results in _runs(folder).items():
         arms.setdefault(results.get("name") or name, []).append(results)
+    return arms
+
+
+def paired_rows(replays: list[Path], studies: list[Path]) -> list[str]:
+    """Each replay arm minus each study arm, seed by seed (the seeds both have)."""
+    lines = [
+        "| replay − study arm (paired by init seed) | seeds | per seed (points) | mean ± sd |",
+        "|---|---|---|---|",
+    ]
+    for replay in replays:
+        for r_name, r_group in _arms(replay).items():
+            mine = {r["seed"]: _top1(r, "test") for r in r_group}
+            for study in studies:
+                for s_name, s_group in _arms(study).items():
+                    theirs = {r["seed"]: _top1(r, "test") for r in s_group}
+                    seeds = sorted(set(mine) & set(theirs))
+                    if not seeds:
+                        continue
+                    diffs = [100 * (mine[k] - theirs[k]) for k in seeds]
+                    spread = f" ± {statistics.stdev(diffs):.2f}" if len(diffs) > 1 else ""
+                    lines.append(
+                        f"| `{r_name}` − `{s_name}` | {', '.join(map(str, seeds))} "
+                        f"| {', '.join(f'{d:+.2f}' for d in diffs)} "
+                        f"| {statistics.fmean(diffs):+.2f}{spread} |"
+                    )
+    return lines
+
+
+def arm_rows(folder: Path, label: str) -> list[str]:
+    arms = _arms(folder)
     return [
         f"| {label} `{arm}` | {len(group)} | {_pct([_top1(r, 'test') for r in group])} "
         f"| {_pct([_top1(r, 'best') for r in group])} | seeds "
@@ -87,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += arm_rows(folder, "replay")
     for folder in args.study:
         lines += arm_rows(folder, "study")
+    if args.replay and args.study:
+        lines += ["", *paired_rows(args.replay, args.study)]
     print("\n".join(lines))
     return 0
 
