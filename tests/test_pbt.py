@@ -150,16 +150,40 @@ def test_explore_perturbs_the_copied_weight_and_the_replay_schedule_is_its_histo
     assert (tmp_path / "report" / "pbt_lineage.png").stat().st_size > 0
     assert "PBT weight lineages" in (tmp_path / "report" / "report.md").read_text()
     # docs/pbt.md's table script reads the same files: the winner's schedule is its lineage's
+    pbt_table = _load_pbt_table()
+    winner_row, members_row = pbt_table.pbt_rows(tmp_path / "run")
+    shown = pbt_table._short(winner["schedules"]["dist"])  # its numbers at 6 digits
+    assert f"winner `{summary['winner']}`" in winner_row and f"`{shown}`" in winner_row
+    assert "all 2 members" in members_row and "2 rounds" in members_row
+
+
+def _load_pbt_table():
     spec = importlib.util.spec_from_file_location(
         "pbt_table", TESTS.parent / "scripts" / "pbt_table.py"
     )
     pbt_table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pbt_table)
-    winner_row, members_row = pbt_table.pbt_rows(tmp_path / "run")
-    assert (
-        f"winner `{summary['winner']}`" in winner_row and winner["schedules"]["dist"] in winner_row
+    return pbt_table
+
+
+def test_pbt_table_pairs_a_replay_with_each_study_arm_by_seed(tmp_path):
+    def member(folder, name, arm, seed, top1):
+        path = tmp_path / folder / name / "results.json"
+        path.parent.mkdir(parents=True)
+        results = {"status": "completed", "name": arm, "seed": seed, "test": {"top1": top1}}
+        path.write_text(json.dumps(results))
+
+    for seed, top1 in ((0, 0.82), (1, 0.81), (2, 0.83)):
+        member("replay", f"replay_s{seed}", "replay", seed, top1)
+    for seed, top1 in ((0, 0.80), (1, 0.81)):  # seed 2 missing: not paired
+        member("study", f"static_s{seed}", "static", seed, top1)
+    member("study", "linear_s5", "linear", 5, 0.9)  # no seed in common: no row
+    pbt_table = _load_pbt_table()
+    lines = pbt_table.paired_rows([tmp_path / "replay"], [tmp_path / "study"])
+    assert lines[2:] == ["| `replay` − `static` | 0, 1 | +2.00, +0.00 | +1.00 ± 1.41 |"]
+    assert pbt_table._short("piecewise(0.5125153079429632, 0.2:0.41001224635437056)") == (
+        "piecewise(0.512515, 0.2:0.410012)"
     )
-    assert "all 2 members" in members_row and "2 rounds" in members_row
 
 
 def test_factor_arithmetic_of_one_round():
