@@ -275,8 +275,10 @@ def render(
             "beyond its size). Member-images/s: K × batch / step time. Fused: the same "
             "population with the students of one architecture as one network "
             "(`population.fuse=true`; members with gradient matching stay looped), timed in the "
-            "same rounds, the ratio to the looped step taken within each round. See "
-            "`gompertz_kd.bench.population`.",
+            "same rounds, the ratio to the looped step taken within each round. Compiled (with "
+            "`--compile`, where no member's term blocks it): the looped population's whole "
+            "forward as one graph (`compile=step`), timed and compared the same way; its "
+            "compile time is a note. See `gompertz_kd.bench.population`.",
             "",
             *population_table(sections["population"]),
             "",
