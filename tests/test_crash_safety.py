@@ -56,6 +56,7 @@ def kill(step, where="step", seed=None):
     return out
 
 
+@pytest.mark.slow  # for its time; `make test-full` runs it
 def test_killed_anywhere_and_resumed_ends_bit_equal_to_the_uninterrupted_run(
     tiny_c10, cache, tmp_path
 ):

@@ -82,6 +82,7 @@ def test_schedule_notebook_runs_and_shows_its_plots(tmp_path):
     assert "inflection: t = 0.384, w = 0.331" in text(nb)  # w_max/e for the shipped config
 
 
+@pytest.mark.slow  # for its time; `make test-full` runs it
 def test_distill_notebook_trains_and_compare_notebook_reads_its_run(tmp_path):
     root = tmp_path / "root"
     distill, compare = run_notebooks(tmp_path, root, DISTILL, COMPARE)
@@ -97,6 +98,7 @@ def test_distill_notebook_trains_and_compare_notebook_reads_its_run(tmp_path):
     assert images(compare) >= 5
 
 
+@pytest.mark.slow  # for its time; `make test-full` runs it
 def test_compare_notebook_makes_two_tiny_runs_when_there_are_none(tmp_path):
     root = tmp_path / "root"
     (nb,) = run_notebooks(tmp_path, root, COMPARE)

@@ -327,6 +327,7 @@ def test_pbt_configs_are_valid_for_the_long_recipe(name):
     assert controller.seed == 0 and controller.terms == list(next(iter(objectives.values())).names)
 
 
+@pytest.mark.slow  # for its time; `make test-full` runs it
 def test_pbt_under_ddp_takes_one_decision_on_every_rank(tiny_c10, cache, tmp_path):
     run_dir = tmp_path / "ddp"
     overrides = [o for o in base(tiny_c10, run_dir, cache) if not o.startswith("paths.output_dir")]

@@ -223,6 +223,7 @@ def test_every_population_config_composes_and_builds_its_members(name):
         assert len(set(map(repr, (o.weights_at(0.05) for o in objectives.values())))) > 1
 
 
+@pytest.mark.slow  # for its time; `make test-full` runs it
 def test_cli_population_multirun_writes_every_member_of_every_job(tiny_c10, cache, tmp_path):
     sweep = tmp_path / "sweep"
     overrides = [o for o in base(tiny_c10, sweep, cache) if not o.startswith("paths.output_dir")]
@@ -240,6 +241,7 @@ def test_cli_population_multirun_writes_every_member_of_every_job(tiny_c10, cach
     assert len(load_runs([sweep])) == 8
 
 
+@pytest.mark.slow  # for its time; `make test-full` runs it
 def test_population_trains_under_ddp_on_two_cpu_processes(tiny_c10, cache, tmp_path):
     run_dir = tmp_path / "ddp"
     overrides = [o for o in base(tiny_c10, run_dir, cache) if not o.startswith("paths.output_dir")]
