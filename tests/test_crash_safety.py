@@ -174,3 +174,21 @@ def test_sweep_killed_between_jobs_never_counts_the_killed_job(tiny_c10, cache, 
     proc = cli([*args[:-1], f"hydra.sweep.dir={again}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(load_runs([again])) == 2
+
+
+def test_interval_checkpoints_and_epoch_ends_keep_one_last_checkpoint(tiny_c10, cache, tmp_path):
+    # the mid-epoch writes and the epoch-end ModelCheckpoint write the same last.ckpt: no
+    # last-v1.ckpt beside it, and the file a user resumes (or takes as a teacher) is the final one
+    cfg = compose_cfg(
+        [
+            *overrides(tiny_c10, tmp_path, cache)[:-1],
+            "callbacks.interval_checkpoint.every_n_steps=3",
+        ]
+    )
+    run_training(cfg)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
+    assert [n for n in names if n.startswith("last")] == ["last.ckpt"], names
+    last = torch.load(
+        tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    assert last["global_step"] == 15 and last["epoch"] == 2
