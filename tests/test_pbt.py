@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -139,7 +140,10 @@ def test_explore_perturbs_the_copied_weight_and_the_replay_schedule_is_its_histo
     assert any(r["events"] for r in summary["lineage"].values())
     replay = summary["replay"]
     winner = summary["lineage"][summary["winner"]]
-    assert replay["overrides"] == [f'method.terms.dist.schedule="{winner["schedules"]["dist"]}"']
+    assert replay["overrides"] == [
+        "method=dist",
+        f'method.terms.dist.schedule="{winner["schedules"]["dist"]}"',
+    ]
     assert run.results[summary["winner"]]["pbt"]["winner"] is True
     # the report draws every lineage from the members' results.json alone
     runs = load_runs([tmp_path / "run" / "members"])
@@ -327,6 +331,45 @@ def test_pbt_configs_are_valid_for_the_long_recipe(name):
     assert controller.seed == 0 and controller.terms == list(next(iter(objectives.values())).names)
 
 
+@pytest.mark.parametrize("name", ["pbt_kd", "pbt_dist"])
+def test_the_replay_command_trains_the_winners_weights_from_scratch(name):
+    # the lineage's values are multiples of the term's scale: the replay must keep the member's
+    # own overrides (pbt_kd's scale 0.9 among them), or it trains other weights
+    from gompertz_kd.population import compose_members, member_names, pbt_controller
+    from gompertz_kd.run_parts import check_config
+
+    overrides = ["experiment=c10cpu_long", f"population={name}", "trainer.max_epochs=4"]
+    cfg = compose_cfg(overrides)
+    members = compose_members(cfg, overrides)
+    objectives = {n: check_config(member) for n, (member, _) in members.items()}
+    controller = pbt_controller(cfg, members, objectives, overrides)
+    winner = list(members)[1]
+    controller.lineage[winner] = {
+        "origin": winner,
+        "boundaries": [0.25, 0.5],
+        "values": {t: [0.5, 1.1, 0.7] for t in controller.terms},
+        "events": [],
+    }
+    replay = controller.replay(winner, seeds=[5, 6])
+    command = shlex.split(replay["command"])
+    assert command[:3] == ["python", "-m", "gompertz_kd.run"] and "trainer.max_epochs=4" in command
+    args = command[3:]
+    replayed = compose_members(compose_cfg(args), args)
+    assert [(n, seed) for n, (_, seed) in replayed.items()] == [("replay_s5", 5), ("replay_s6", 6)]
+    assert member_names(compose_cfg(args).population)["replay_s5"][0] == replay["overrides"]
+    objective = check_config(replayed["replay_s5"][0])
+    original = objectives[winner]
+    for term in controller.terms:
+        assert objective.scales[term] == original.scales[term]
+    for progress in (0.0, 0.24, 0.25, 0.6, 1.0):
+        want = {
+            f"{t}_weight": original.scales[t] * controller.schedule(winner, t)(progress)
+            for t in controller.terms
+        }
+        got = objective.weights_at(progress)
+        assert {k: got[k] for k in want} == pytest.approx(want), progress
+
+
 @pytest.mark.slow  # for its time; `make test-full` runs it
 def test_pbt_under_ddp_takes_one_decision_on_every_rank(tiny_c10, cache, tmp_path):
     run_dir = tmp_path / "ddp"
@@ -341,3 +384,14 @@ def test_pbt_under_ddp_takes_one_decision_on_every_rank(tiny_c10, cache, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "pbt.json").read_text())
     assert len(summary["rounds"]) == 1 and summary["winner"] in ("dist_s0", "dist_s1")
+
+
+@pytest.mark.parametrize(
+    "word", ["a=b", "{r: ['x=\"p(1, 0.1:2)\"', 'y']}", "a$b'c`d\\e\"f", "+p.seeds=[0,1]", "it's"]
+)
+def test_a_replay_command_word_reads_back_in_a_shell(word):
+    from gompertz_kd.pbt import _shell_word
+
+    quoted = _shell_word(word)
+    out = subprocess.run(["bash", "-c", f"printf %s {quoted}"], capture_output=True, text=True)
+    assert out.stdout == word, quoted

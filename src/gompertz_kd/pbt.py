@@ -29,9 +29,11 @@ What :class:`PBTController` does:
 
 Every member's *lineage* (its weight as a step function of progress, and each copy: when, from
 whom, with which factor) goes into its ``results.json`` under ``pbt``, and the run's
-``pbt.json`` names the winner (the best member on the last epoch's val score) and its schedule
-written as an override, ``method.terms.<term>.schedule="piecewise(...)"``, that trains it from
-scratch on other seeds.
+``pbt.json`` names the winner (the best member on the last epoch's val score) and its replay:
+the winner's member overrides with its schedule written as ``method.terms.<term>.schedule=
+"piecewise(...)"`` (the values are multiples of the term's scale, so the member's own overrides,
+a scale among them, belong to the replay), and the command that trains it from scratch on other
+seeds.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ import copy
 import math
 import os
 import random
+import re
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -237,18 +241,32 @@ class PBTController(L.Callback):
         members: the member names, in the population's order.
         terms: the terms whose weights the controller owns.
         seed: the random stream's seed.
+        member_overrides: each member's own overrides (``population.members``), for the replay.
+        run_overrides: the run's command-line overrides without its population settings, for the
+            replay's command.
+        name: the population's name (the replay's is ``<name>_replay``).
 
     Must come after :class:`~gompertz_kd.population.MemberCheckpoint` among the trainer's
     callbacks (it copies the best checkpoints that callback has just written).
     """
 
     def __init__(
-        self, settings: PBTSettings, members: Sequence[str], terms: Sequence[str], seed: int
+        self,
+        settings: PBTSettings,
+        members: Sequence[str],
+        terms: Sequence[str],
+        seed: int,
+        member_overrides: Mapping[str, Sequence[str]] | None = None,
+        run_overrides: Sequence[str] = (),
+        name: str = "pbt",
     ) -> None:
         self.settings = settings
         self.members = list(members)
         self.terms = list(terms)
         self.seed = int(seed)
+        self.member_overrides = {k: list(v) for k, v in (member_overrides or {}).items()}
+        self.run_overrides = list(run_overrides)
+        self.name = str(name)
         self.rng = random.Random(self.seed)
         # name -> {"boundaries": [...], "values": {term: [...]}, "origin": name, "events": [...]}
         self.lineage: dict[str, dict[str, Any]] = {}
@@ -473,21 +491,7 @@ class PBTController(L.Callback):
         winner = self.winner()
         replay = None
         if winner is not None:
-            replay = {
-                "member": winner,
-                "schedules": {
-                    t: {
-                        "name": "piecewise",
-                        "boundaries": list(self.lineage[winner]["boundaries"]),
-                        "values": list(self.lineage[winner]["values"][t]),
-                    }
-                    for t in self.terms
-                },
-                "overrides": [
-                    f'method.terms.{t}.schedule="{self.schedule(winner, t).text()}"'
-                    for t in self.terms
-                ],
-            }
+            replay = self.replay(winner)
         return {
             "settings": {
                 k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.settings).items()
@@ -500,6 +504,38 @@ class PBTController(L.Callback):
             "last_epoch": self.last_epoch,
             "winner": winner,
             "replay": replay,
+        }
+
+    def replay(self, name: str, seeds: Sequence[int] = (0, 1, 2)) -> dict[str, Any]:
+        """How member ``name``'s schedule trains from scratch: its piecewise schedules, its
+        overrides with those schedules in place of the PBT terms' own, and the command that
+        trains them at init ``seeds`` as population ``<name>_replay``."""
+        owned = tuple(f"method.terms.{t}.schedule=" for t in self.terms)
+        overrides = [
+            o for o in self.member_overrides.get(name, []) if not o.lstrip("+~").startswith(owned)
+        ]
+        overrides += [
+            f'method.terms.{t}.schedule="{self.schedule(name, t).text()}"' for t in self.terms
+        ]
+        members = "{replay: [" + ", ".join(_hydra_string(o) for o in overrides) + "]}"
+        command = [
+            "python", "-m", "gompertz_kd.run", *self.run_overrides,
+            f"+population.members={members}",
+            f"+population.seeds=[{','.join(str(int(s)) for s in seeds)}]",
+            f"+population.name={self.name}_replay",
+        ]  # fmt: skip
+        return {
+            "member": name,
+            "schedules": {
+                t: {
+                    "name": "piecewise",
+                    "boundaries": list(self.lineage[name]["boundaries"]),
+                    "values": list(self.lineage[name]["values"][t]),
+                }
+                for t in self.terms
+            },
+            "overrides": overrides,
+            "command": " ".join(_shell_word(w) for w in command),
         }
 
     # ------------------------------------------------------------------ checkpoint state
@@ -547,6 +583,21 @@ def _without_schedules(objective: Any) -> tuple:
             for name, term in objective.terms.items()
         ),
     )
+
+
+def _shell_word(word: str) -> str:
+    """``word`` quoted for a POSIX shell, readably: bare, in single quotes, or (holding single
+    quotes) in double quotes with ``"``, ``\\``, ``$`` and backquotes escaped."""
+    if shlex.quote(word) == word or "'" not in word:
+        return shlex.quote(word)
+    return '"' + re.sub(r'(["\\$`])', r"\\\1", word) + '"'
+
+
+def _hydra_string(text: str) -> str:
+    """``text`` as a quoted string inside a Hydra override's list."""
+    if "'" not in text:
+        return f"'{text}'"
+    return '"' + text.replace('"', '\\"') + '"'
 
 
 def _copy_checkpoint(source: Path, target: Path, member: str) -> None:

@@ -770,6 +770,16 @@ def member_names(population: DictConfig) -> dict[str, tuple[list[str], int | Non
     return out
 
 
+def shared_overrides(base_overrides: Sequence[str]) -> list[str]:
+    """The population run's overrides every member composes from: all but the population's own
+    settings, Hydra's, ``ckpt_path`` and ``seed``."""
+    return [
+        o
+        for o in base_overrides
+        if not o.lstrip("+~").startswith(("population", "hydra.", "ckpt_path=", "seed="))
+    ]
+
+
 def compose_members(
     cfg: DictConfig, base_overrides: Sequence[str]
 ) -> dict[str, tuple[DictConfig, int]]:
@@ -779,11 +789,7 @@ def compose_members(
     Raises:
         ValueError: a member changes a group members share (data, model, trainer, teacher).
     """
-    kept = [
-        o
-        for o in base_overrides
-        if not o.lstrip("+~").startswith(("population", "hydra.", "ckpt_path=", "seed="))
-    ]
+    kept = shared_overrides(base_overrides)
     specs = member_names(cfg.population)
 
     def compose_all() -> dict[str, tuple[DictConfig, int]]:
@@ -871,7 +877,7 @@ def run_population(
     members_cfg = compose_members(cfg, base_overrides)
     objectives = {name: check_config(member) for name, (member, _) in members_cfg.items()}
     check_config(cfg)
-    pbt = pbt_controller(cfg, members_cfg, objectives)
+    pbt = pbt_controller(cfg, members_cfg, objectives, base_overrides)
     resume = resume_checkpoint(cfg, output_dir)
     distils = any(o.terms for o in objectives.values())
     L.seed_everything(cfg.seed, workers=True)
@@ -935,10 +941,14 @@ def run_population(
 
 
 def pbt_controller(
-    cfg: DictConfig, members_cfg: Mapping[str, tuple[DictConfig, int]], objectives: Mapping
+    cfg: DictConfig,
+    members_cfg: Mapping[str, tuple[DictConfig, int]],
+    objectives: Mapping,
+    base_overrides: Sequence[str] = (),
 ) -> PBTController | None:
     """The :class:`~gompertz_kd.pbt.PBTController` of ``population.pbt`` (``None`` without one),
-    its settings checked against the run before any teacher work."""
+    its settings checked against the run before any teacher work; ``base_overrides`` (the run's
+    command line) go into the winner's replay command."""
     settings = PBTSettings.from_config(cfg.population.get("pbt"))
     if settings is None:
         return None
@@ -959,7 +969,15 @@ def pbt_controller(
     seed = settings.seed
     if seed is None:
         seed = min(int(member_seed) for _, member_seed in members_cfg.values())
-    return PBTController(settings, list(members_cfg), terms, seed)
+    return PBTController(
+        settings,
+        list(members_cfg),
+        terms,
+        seed,
+        member_overrides={n: o for n, (o, _) in member_names(cfg.population).items()},
+        run_overrides=shared_overrides(base_overrides),
+        name=str(cfg.population.get("name") or "pbt"),
+    )
 
 
 def _member_results(  # fmt: skip
