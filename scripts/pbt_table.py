@@ -28,7 +28,8 @@ def _runs(folder: Path) -> dict[str, dict]:
     return out
 
 
-def _pct(values: list[float]) -> str:
+def _pct(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]  # a run without a test pass, test=false
     if not values:
         return "—"
     mean = 100 * statistics.fmean(values)

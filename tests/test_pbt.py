@@ -206,6 +206,16 @@ def test_factor_arithmetic_of_one_round():
     assert again.decide({"a": 0.3, "b": 0.2, "c": 0.1, "d": 0.0}) == after
 
 
+def test_a_loss_metric_ranks_low_first():
+    settings = PBTSettings(quantile=0.5, metric="val/loss_ce")
+    controller = PBTController(settings, ["a", "b", "c", "d"], ["kd"], seed=3)
+    decisions = controller.decide({"a": 0.1, "b": 0.9, "c": 0.5, "d": 0.2})
+    assert [d[0] for d in decisions] == ["c", "b"]  # the highest losses copy
+    assert all(d[1] in ("a", "d") for d in decisions)
+    controller.last_scores = {"a": 0.1, "b": 0.9, "c": 0.5, "d": 0.05}
+    assert controller.winner() == "d"
+
+
 @pytest.mark.parametrize("where", ["step", "validation"])
 def test_interrupted_pbt_run_resumes_exactly(tiny_c10, cache, tmp_path, where):
     full = pbt_run(tiny_c10, tmp_path / "full", cache, epochs=3)
@@ -281,6 +291,7 @@ def test_hard_killed_pbt_run_resumes_from_the_epoch_end_checkpoint_exactly(
         (["+population.pbt.terms=[kd]"], "[0,1]", None, "population.pbt.terms=\\['kd'\\]"),
         ([], "[0,1]", "{dist: ['method=dist'], kd: ['method=kd']}", "PBT members train one method"),
         (["+population.pbt.low=0"], "[0,1]", None, "low=0.0 must be > 0"),
+        (["+population.pbt.metric=val/acc"], "[0,1]", None, "metric='val/acc' must be one of"),
         (["+trainer.val_check_interval=0.5"], "[0,1]", None, "val_check_interval=0.5"),
         (["+trainer.limit_val_batches=0"], "[0,1]", None, "limit_val_batches=0"),
         (
@@ -395,3 +406,9 @@ def test_a_replay_command_word_reads_back_in_a_shell(word):
     quoted = _shell_word(word)
     out = subprocess.run(["bash", "-c", f"printf %s {quoted}"], capture_output=True, text=True)
     assert out.stdout == word, quoted
+
+
+def test_pbt_table_leaves_out_runs_without_a_test_score():
+    pbt_table = _load_pbt_table()
+    assert pbt_table._pct([0.5, None, 0.7]) == "60.00 ± 14.14"
+    assert pbt_table._pct([None]) == "—"

@@ -54,7 +54,10 @@ import torch
 
 from gompertz_kd.schedules import Piecewise
 
-__all__ = ["PBT_FILE", "PBTController", "PBTSettings"]
+__all__ = ["PBT_FILE", "PBTController", "PBTSettings", "RANKED_METRICS"]
+
+# the member metrics PBT may rank by (``population.pbt.metric``) and which way is better
+RANKED_METRICS = {"val/top1": "max", "val/top5": "max", "val/loss_ce": "min"}
 
 PBT_FILE = "pbt.json"
 
@@ -73,7 +76,8 @@ class PBTSettings:
             ``high`` is lowered to what convex mixing allows, a weight <= 1).
         terms: the terms whose weights PBT owns (default: every term of the method).
         seed: the controller's random stream (default: the smallest member init seed).
-        metric: the member metric that ranks them, on the held-out val split.
+        metric: the member metric that ranks them, on the held-out val split: one of
+            :data:`RANKED_METRICS` (accuracies rank high first, the loss low first).
     """
 
     interval: int = 2
@@ -138,6 +142,15 @@ class PBTSettings:
         need(0 <= self.resample_probability <= 1, "resample_probability", "in [0, 1]")
         need(self.low > 0, "low", "> 0 (weights are drawn log-uniformly)")
         need(self.high > self.low, "high", f"> low ({self.low})")
+        need(
+            self.metric in RANKED_METRICS,
+            "metric",
+            f"one of {', '.join(RANKED_METRICS)} (what members log on the val split)",
+        )
+
+    def better(self, score: float) -> float:
+        """``score`` as a rank key, larger better whatever the metric's direction."""
+        return score if RANKED_METRICS[self.metric] == "max" else -score
 
     def check_run(
         self,
@@ -337,7 +350,8 @@ class PBTController(L.Callback):
         """One round's decisions, ``[(member, source, {term: explore})]``, drawn from the
         controller's stream: the bottom quantile (ties broken by member order) each copy a
         member drawn from the top quantile."""
-        order = sorted(self.members, key=lambda n: (-scores[n], self.members.index(n)))
+        better = self.settings.better
+        order = sorted(self.members, key=lambda n: (-better(scores[n]), self.members.index(n)))
         n = int(len(order) * self.settings.quantile)
         top, bottom = order[:n], order[-n:]
         out = []
@@ -471,7 +485,10 @@ class PBTController(L.Callback):
         """The member with the best score at the last validation (ties: member order)."""
         if not self.last_scores:
             return None
-        return max(self.members, key=lambda n: (self.last_scores[n], -self.members.index(n)))
+        better = self.settings.better
+        return max(
+            self.members, key=lambda n: (better(self.last_scores[n]), -self.members.index(n))
+        )
 
     def member_record(self, name: str) -> dict[str, Any]:
         """What member ``name``'s ``results.json`` keeps under ``pbt``."""
