@@ -471,13 +471,16 @@ def test_baseline_column_is_the_seed_by_seed_difference(sweep):
 def test_paired_difference_pairs_by_seed():
     from gompertz_kd.report import Stat, SummaryRow, paired_difference
 
-    def row(values):
+    def row(values, config="x"):
         nan = Stat(math.nan, None, 0)
-        return SummaryRow("x", tuple(values), nan, nan, nan, (), nan, nan, tuple(values.items()))
+        return SummaryRow(config, tuple(values), nan, nan, nan, (), nan, nan, tuple(values.items()))
 
     diff = paired_difference(row({0: 0.70, 1: 0.74, 2: 0.69}), row({2: 0.66, 0: 0.68, 1: 0.70}))
     assert diff.n == 3 and diff.mean == pytest.approx(0.03)
     assert diff.std == pytest.approx(np.std([0.02, 0.04, 0.03], ddof=1))
+    # a PBT member's student may descend from another seed's: it pairs with nothing
+    pbt = row({0: 0.70, 1: 0.74}, config="[PBT member] c10cpu_long")
+    assert paired_difference(pbt, row({0: 0.68, 1: 0.70})).n == 0
 
 
 def test_unknown_baseline_is_a_usage_error_naming_the_configurations(sweep, tmp_path, capsys):

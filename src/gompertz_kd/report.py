@@ -444,7 +444,10 @@ TABLE_NOTES = (
 def paired_difference(row: SummaryRow, baseline: SummaryRow) -> Stat:
     """Last-epoch test top-1 of ``row`` minus ``baseline``'s, seed by seed, over the seeds both
     have (same seed: same student initialisation and data order, so the pairing removes that
-    part of the spread): mean and sample std of the differences."""
+    part of the spread): mean and sample std of the differences. PBT members pair with nothing
+    (no values): a member's student may descend from another member's seed."""
+    if row.config.startswith(("[PBT winner]", "[PBT member]")):
+        return Stat.of(())
     base = {s: v for s, v in baseline.test_top1_by_seed if s is not None and v is not None}
     return Stat.of(v - base[s] for s, v in row.test_top1_by_seed if s in base and v is not None)
 
