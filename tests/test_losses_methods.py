@@ -687,3 +687,45 @@ def test_every_loss_treats_the_teacher_as_a_constant(loss_of):
     loss.backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
     assert t.grad is None
+
+
+def test_non_target_gather_equals_boolean_mask_indexing_in_values_and_gradients():
+    # DKD and WKD drop the target column by gathering (a static shape, no device sync); the
+    # boolean-mask indexing it replaced is the reference, bit for bit
+    from gompertz_kd.losses.logits import _split_target, non_target_index
+    from gompertz_kd.losses.wasserstein import wkd_cost_matrix, wkd_logit_loss
+
+    g = torch.Generator().manual_seed(7)
+    n, k = 16, 10
+    targets = torch.randint(0, k, (n,), generator=g)
+    targets[:2] = torch.tensor([0, k - 1])  # both edges
+    keep = ~F.one_hot(targets, k).bool()
+    classes = torch.arange(k).expand(n, k)[keep].view(n, k - 1)
+    assert torch.equal(non_target_index(targets, k), classes)
+
+    logits = torch.randn(n, k, generator=g, requires_grad=True)
+    parts, others = _split_target(logits, targets)
+    assert torch.equal(others, logits[keep].view(n, k - 1))
+    (grad,) = torch.autograd.grad((parts.sum() + others.square().sum()), logits)
+    ref = logits.detach().clone().requires_grad_(True)
+    ref_others = ref[keep].view(n, k - 1)
+    log_total = torch.logsumexp(ref, dim=1)
+    ref_parts = torch.stack(
+        [ref.gather(1, targets.view(-1, 1)).squeeze(1) - log_total,
+         torch.logsumexp(ref_others, dim=1) - log_total], dim=1,
+    )  # fmt: skip
+    assert torch.equal(parts, ref_parts)
+    (ref_grad,) = torch.autograd.grad((ref_parts.sum() + ref_others.square().sum()), ref)
+    assert torch.equal(grad, ref_grad)
+
+    logits_t = torch.randn(n, k, generator=g)
+    cost = wkd_cost_matrix(torch.randn(k, 8, generator=g))
+    loss = wkd_logit_loss(logits, logits_t, cost, temperature=2.0, reg=0.05, num_iters=5,
+                          targets=targets)  # fmt: skip
+    z_s, z_t = logits[keep].view(n, k - 1) / 2.0, logits_t[keep].view(n, k - 1) / 2.0
+    costs = cost.clamp_min(0.0)[classes.unsqueeze(2), classes.unsqueeze(1)]
+    from ot.batch import solve_batch
+
+    ref = solve_batch(costs.transpose(1, 2), reg=0.05, a=F.softmax(z_t, 1), b=F.softmax(z_s, 1),
+                      max_iter=5, tol=0.0, method="log_sinkhorn", grad="autodiff")  # fmt: skip
+    assert torch.equal(loss, ref.value_linear.mean())

@@ -607,3 +607,28 @@ def test_apply_compile_follows_the_runs_setting():
     assert module._compiled_step is not None
     with pytest.raises(ValueError, match="compile must be one of"):
         small_module().apply_compile("graph")
+
+
+@pytest.mark.parametrize("method", ["kd", "dkd", "dist"])
+def test_the_kd_familys_training_step_traces_as_one_graph(method):
+    # no graph break (a host sync, a data-dependent shape) inside the step compile=step compiles:
+    # one graph is what CUDA graphs replay; DKD's target column was a boolean mask (nonzero)
+    from hydra import compose, initialize_config_dir
+
+    from gompertz_kd.config import CONFIG_DIR
+    from gompertz_kd.run_parts import build_module
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=c10cpu", f"method={method}"])
+    module = build_module(cfg, num_classes=10, teacher_ckpt=None)
+    module.train()
+    images, targets = batch(8)
+    module._teacher_runner(images.device)  # as step_losses does, before the compiled region
+    module._runner_checked = True
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(module.step_forward)(
+        images, targets, None, module.weight_vector(images.device)
+    )
+    torch._dynamo.reset()
+    reasons = [str(b.reason).split("\n")[0] for b in explained.break_reasons]
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, reasons

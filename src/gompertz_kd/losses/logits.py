@@ -17,6 +17,7 @@ __all__ = [
     "dkd_loss",
     "dkd_parts",
     "kd_loss",
+    "non_target_index",
     "pearson_correlation",
     "reverse_gradient",
     "standardize_logits",
@@ -89,11 +90,18 @@ def kd_loss(
     return kl * temperature**2
 
 
+def non_target_index(targets: Tensor, num_classes: int) -> Tensor:
+    """``(N, K-1)``: each row's class indices without its target, in order. Gathering with it
+    drops the target column at a static shape, without the device sync (and, compiled, the graph
+    break) of boolean-mask indexing."""
+    k = int(num_classes)
+    rest = torch.arange(k - 1, device=targets.device).expand(targets.shape[0], k - 1)
+    return rest + (rest >= targets.view(-1, 1)).long()
+
+
 def _split_target(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """``(log(p_target), log(1 - p_target))`` as ``(N, 2)``, and the non-target logits ``(N, K-1)``."""
-    n, k = logits.shape
-    is_target = F.one_hot(targets, k).bool()
-    others = logits[~is_target].view(n, k - 1)
+    others = logits.gather(1, non_target_index(targets, logits.shape[1]))
     # log(1 - p_target) from the non-target logits directly: no cancellation when p_target -> 1.
     log_total = torch.logsumexp(logits, dim=1)
     log_target = logits.gather(1, targets.view(-1, 1)).squeeze(1) - log_total

@@ -13,6 +13,7 @@ from ot.batch import solve_batch
 from torch import Tensor, nn
 
 from gompertz_kd.losses.features import match_spatial
+from gompertz_kd.losses.logits import non_target_index
 
 __all__ = [
     "FeatureProjector",
@@ -335,9 +336,8 @@ def wkd_logit_loss(
     if targets is None:
         costs = cost.expand(n, k, k)
     else:
-        keep = ~F.one_hot(targets, k).bool()
-        z_s, z_t = z_s[keep].view(n, k - 1), z_t[keep].view(n, k - 1)
-        classes = torch.arange(k, device=logits_s.device).expand(n, k)[keep].view(n, k - 1)
+        classes = non_target_index(targets, k)
+        z_s, z_t = z_s.gather(1, classes), z_t.gather(1, classes)
         costs = cost[classes.unsqueeze(2), classes.unsqueeze(1)]
     p_s, p_t = F.softmax(z_s, dim=1), F.softmax(z_t, dim=1)
     result = solve_batch(
