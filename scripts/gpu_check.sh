@@ -19,13 +19,13 @@
 #     bf16-mixed, eager and compiled (compile_step, CUDA graphs): KD, DKD, DIST, Gompertz-CNN
 #     paper-exact and with the experiment's gradient-matching default, the ResNet50 teacher's
 #     own training step; each one's 240 epochs extrapolated, against the GPU targets;
-#  3. profile: torch.profiler over the KD and the default Gompertz-CNN steps: the operators that
-#     take the time, and how busy the device is (what a missed target is explained with);
-#  4. e2e: a real `python -m gompertz_kd.run experiment=c100_resnet50_mbv2 trainer=gpu` run of a
+#  3. e2e: a real `python -m gompertz_kd.run experiment=c100_resnet50_mbv2 trainer=gpu` run of a
 #     few epochs (teacher trained and cached first) on a generated 100-class image folder, to
 #     results.json;
-#  5. population: the paper's six-configuration table (K = 6) and its seed replicas (K = 18) on
+#  4. population: the paper's six-configuration table (K = 6) and its seed replicas (K = 18) on
 #     one teacher pass at batch 64, fused against looped members;
+#  5. profile: torch.profiler over the KD and the default Gompertz-CNN steps: the operators that
+#     take the time, and how busy the device is (what a missed target is explained with);
 #  6. the tests marked `gpu`;
 #  7. the default test suite with the GPU visible (pytest-xdist where installed), each result
 #     named.
@@ -41,8 +41,8 @@ cd "$(dirname "$0")/.."
 dry_run=0
 out=""
 budget=450
-stages=",recipe,profile,e2e,population,gpu,suite,"
-usage="usage: $0 [--dry-run] [--out DIR] [--budget S] [--stages recipe,profile,e2e,population,gpu,suite,throughput,methods]"
+stages=",recipe,e2e,population,profile,gpu,suite,"
+usage="usage: $0 [--dry-run] [--out DIR] [--budget S] [--stages recipe,e2e,population,profile,gpu,suite,throughput,methods]"
 while (($#)); do
     case "$1" in
         --dry-run) dry_run=1 ;;
@@ -171,12 +171,6 @@ if want recipe; then
         "${recipe_compile[@]}" --repeats 3 --budget 200 --output "$out/recipe.md"
 fi
 
-if want profile; then
-    stage "profile: where the KD and the default Gompertz-CNN steps spend their time, batch $batch"
-    step 60 "profile" "$PY" -m gompertz_kd.bench "${networks[@]}" --device "$device" \
-        --precision bf16-mixed --sections profile --batch "$batch" --output "$out/profile.md"
-fi
-
 if want e2e; then
     stage "end-to-end run: python -m gompertz_kd.run $e2e_args, generated image folder, $e2e_epochs epochs"
     export e2e_dataset=${e2e_data[0]} e2e_train=${e2e_data[1]} e2e_test=${e2e_data[2]}
@@ -211,6 +205,12 @@ if want population; then
         --precision bf16-mixed --sections population --population "$population" \
         --population-sizes "$population_sizes" --population-singles "$population_singles" \
         --batch "$batch" --repeats 3 --output "$out/population.md"
+fi
+
+if want profile; then
+    stage "profile: where the KD and the default Gompertz-CNN steps spend their time, batch $batch"
+    step 60 "profile" "$PY" -m gompertz_kd.bench "${networks[@]}" --device "$device" \
+        --precision bf16-mixed --sections profile --batch "$batch" --output "$out/profile.md"
 fi
 
 if want gpu; then

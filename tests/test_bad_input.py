@@ -43,6 +43,11 @@ def cfg_for(root, out, *extra):
         ("data=cifar100", ValueError, "do not match dataset='cifar100'"),
         ("teacher.auto_train=false", FileNotFoundError, "teacher.auto_train=false"),
         ("compile=graph", ValueError, "compile='graph' must be one of false, true"),
+        (
+            "compile_mode=fast",
+            ValueError,
+            "compile_mode='fast' must be null or one of default, reduce-overhead",
+        ),
         ("model.sync_every=0", ValueError, "sync_every must be an integer >= 1"),
         ("model.gm_fraction=0", ValueError, "gm_fraction must be a number in"),
     ],

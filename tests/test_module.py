@@ -632,3 +632,18 @@ def test_the_kd_familys_training_step_traces_as_one_graph(method):
     torch._dynamo.reset()
     reasons = [str(b.reason).split("\n")[0] for b in explained.break_reasons]
     assert explained.graph_count == 1 and explained.graph_break_count == 0, reasons
+
+
+def test_the_runs_compile_mode_reaches_torch_compile_with_static_shapes(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from gompertz_kd.run_parts import compile_options
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
+    module = small_module()
+    module.apply_compile(
+        "step", **compile_options(OmegaConf.create({"compile_mode": "reduce-overhead"}))
+    )
+    assert seen == [{"dynamic": False, "mode": "reduce-overhead"}]
+    assert compile_options(OmegaConf.create({"compile_mode": None})) == {}

@@ -694,7 +694,11 @@ class DistillationModule(L.LightningModule):
             )
             self.compile_networks(**compile_kwargs)
             return
-        self._compiled_step = torch.compile(self.step_forward, **compile_kwargs)
+        # static shapes: an epoch's short last batch compiles a second graph once, not a dynamic
+        # one for every batch (CUDA graphs replay static shapes)
+        self._compiled_step = torch.compile(
+            self.step_forward, **{"dynamic": False, **compile_kwargs}
+        )
 
     def step_losses(
         self, images: Tensor, targets: Tensor, step: int | None, indices: Tensor | None = None

@@ -84,6 +84,7 @@ from gompertz_kd.run_parts import (
     build_module,
     build_trainer,
     check_config,
+    compile_options,
     fit,
     git_commit,
     instantiate_group,
@@ -350,7 +351,10 @@ class PopulationModule(L.LightningModule):
             for member in self.members.values():
                 member.compile_networks(**compile_kwargs)
             return
-        self._compiled_step = torch.compile(self.step_forward, **compile_kwargs)
+        # static shapes, as DistillationModule.compile_step
+        self._compiled_step = torch.compile(
+            self.step_forward, **{"dynamic": False, **compile_kwargs}
+        )
 
     def apply_compile(self, setting: bool | str | None, **compile_kwargs: Any) -> None:
         """The run's ``compile`` setting: ``"step"`` :meth:`compile_step`; ``True`` or
@@ -904,7 +908,7 @@ def run_population(
         )
     module = PopulationModule(members, fuse=fuse)
     if cfg.get("compile"):
-        module.apply_compile(cfg.compile)
+        module.apply_compile(cfg.compile, **compile_options(cfg))
     L.seed_everything(cfg.seed, workers=True)
 
     callbacks = [

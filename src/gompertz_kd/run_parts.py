@@ -138,6 +138,16 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> 
     )
 
 
+# torch.compile's modes (``compile_mode``; ``None``: its default)
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_options(cfg: DictConfig) -> dict[str, Any]:
+    """``torch.compile``'s keywords from the run's ``compile_mode``."""
+    mode = cfg.get("compile_mode")
+    return {} if mode is None else {"mode": str(mode)}
+
+
 def build_objective(cfg: DictConfig) -> Objective:
     """The :class:`~gompertz_kd.objectives.Objective` of ``cfg.method`` (its terms unbound)."""
     return build(cfg.method, _convert_="all")
@@ -192,6 +202,11 @@ def check_config(cfg: DictConfig) -> Objective:
         problems.append(
             f"compile={cfg.get('compile')!r} must be one of false, true (the networks), "
             "networks or step (the whole step's forward as one graph)"
+        )
+    if cfg.get("compile_mode") not in COMPILE_MODES:
+        problems.append(
+            f"compile_mode={cfg.get('compile_mode')!r} must be null or one of "
+            f"{', '.join(m for m in COMPILE_MODES if m)} (reduce-overhead: CUDA graphs)"
         )
     problems += _device_problems(cfg.trainer)
     if problems:

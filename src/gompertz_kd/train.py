@@ -39,6 +39,7 @@ from gompertz_kd.run_parts import (
     build_trainer,
     check_config,
     check_model_name,
+    compile_options,
     fit,
     git_commit,
     instantiate_group,
@@ -142,7 +143,7 @@ def run_training(cfg: DictConfig) -> TrainingRun:
         num_train_samples=num_train_samples,
     )
     if cfg.get("compile"):
-        module.apply_compile(cfg.compile)
+        module.apply_compile(cfg.compile, **compile_options(cfg))
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
