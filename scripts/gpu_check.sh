@@ -141,7 +141,7 @@ if [[ $dry_run == 1 ]]; then
     batch=8 batches=8,16 method_batch=8
     # the compiler's first steps take minutes on a CPU: compile one row to prove the path
     recipe_compile=(--recipe-compile KD) compile_mode=default
-    population=schedules_kd population_sizes=1,4 population_singles=4
+    population=schedules_kd population_sizes=1,4 population_singles=4 population_experiment=c10cpu
     e2e_args="model=resnet20_resnet8 data=cifar10_folder data.batch_size=32 trainer=cpu method=kd"
     e2e_data=(cifar10 16 4) e2e_epochs=2
     suite=(tests/test_schedules.py)  # the whole suite is `make test`; this proves the stage
@@ -155,6 +155,7 @@ else
     batch=64 batches=${GPU_CHECK_BATCHES:-64,128,256} method_batch=128
     recipe_compile=() compile_mode=reduce-overhead
     population=paper_table population_sizes=6,18 population_singles=6
+    population_experiment=c100_resnet50_mbv2  # the recipe's members: gradient matching every 4th step
     # the main command; the teacher's 240 epochs and the student's cut to a few
     e2e_args="experiment=c100_resnet50_mbv2 data=cifar100_folder trainer=gpu"
     e2e_data=(cifar100 50 10) e2e_epochs=3
@@ -204,6 +205,7 @@ if want population; then
     step 90 "populations" "$PY" -m gompertz_kd.bench "${networks[@]}" --device "$device" \
         --precision bf16-mixed --sections population --population "$population" \
         --population-sizes "$population_sizes" --population-singles "$population_singles" \
+        --population-experiment "$population_experiment" \
         --batch "$batch" --repeats 3 --output "$out/population.md"
 fi
 

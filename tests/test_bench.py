@@ -212,3 +212,13 @@ def test_profile_section_ranks_the_operators_of_each_profiled_step():
     assert shares and all(0 <= s <= 100 for s in shares)
     # the gradient-matching step is profiled over a whole gm_every cycle of the experiment (4)
     assert "**Gompertz-CNN student, the experiment's default**, 4 steps" in section
+
+
+def test_population_members_compose_in_the_experiment_given():
+    from gompertz_kd.bench.population import member_specs
+
+    plain = dict(member_specs("paper_table", 6))
+    recipe = dict(member_specs("paper_table", 6, experiment="c100_resnet50_mbv2"))
+    assert list(plain) == list(recipe)
+    assert plain["gompertz_cnn"].model.gm_every == 1
+    assert recipe["gompertz_cnn"].model.gm_every == 4  # the GPU recipe's default

@@ -62,8 +62,9 @@ def _population(args: argparse.Namespace, setup: Setup, memory: list) -> list[Po
         sizes = tuple(int(k) for k in args.population_sizes.split(",") if k)
         compared = {int(k) for k in args.population_singles.split(",") if k}
         case = PopulationCase(
-            setup.teacher, setup.student, setup.num_classes, args.population, sizes
-        )
+            setup.teacher, setup.student, setup.num_classes, args.population, sizes,
+            experiment=args.population_experiment,
+        )  # fmt: skip
         rows = []
         for size in sizes:
             _progress(f"population {args.population}, K={size}")
@@ -144,6 +145,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--population-singles",
         default="6",
         help="with --population: the largest K also timed as single steps (the ratio)",
+    )
+    parser.add_argument(
+        "--population-experiment",
+        default=None,
+        help="with --population: compose the members in this experiment (its gm_every and "
+        "precisions, e.g. c100_resnet50_mbv2's gradient matching on every 4th step); default: "
+        "the model defaults (gradient matching on every step)",
     )
     parser.add_argument("--compile", action="store_true", help="run the torch.compile parts")
     parser.add_argument(

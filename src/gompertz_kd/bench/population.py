@@ -62,6 +62,9 @@ class PopulationCase:
     target: float | None = None
     # with --compile, also time the population's step compiled as one graph (compile=step)
     compiled: bool = False
+    # the experiment the members are composed in (its model options: gm_every, precisions);
+    # None: the defaults (gradient matching on every step)
+    experiment: str | None = None
 
 
 # What `make bench` times: the paper's table as one population; the same pair with KD-only
@@ -144,14 +147,18 @@ class PopulationLoop:
         self.step_index += 1
 
 
-def member_specs(population: str, size: int) -> list[tuple[str, Any]]:
-    """``(name, composed config)`` of ``size`` members of ``conf/population/<population>``: its
-    members in order, then again as seed replicas. K = 1 is the first member with terms."""
+def member_specs(
+    population: str, size: int, experiment: str | None = None
+) -> list[tuple[str, Any]]:
+    """``(name, composed config)`` of ``size`` members of ``conf/population/<population>``
+    (composed in ``experiment`` when given, as a run of it composes them): its members in order,
+    then again as seed replicas. K = 1 is the first member with terms."""
+    base = [] if experiment is None else [f"experiment={experiment}"]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"population={population}"])
+        cfg = compose("train", overrides=[*base, f"population={population}"])
         specs = member_names(cfg.population)
         composed = {
-            name: compose("train", overrides=list(overrides))
+            name: compose("train", overrides=[*base, *overrides])
             for name, (overrides, _) in specs.items()
         }
     names = list(composed)
@@ -180,7 +187,7 @@ def population_rows(
 
     rows = []
     for size in sizes:
-        specs = member_specs(case.population, size)
+        specs = member_specs(case.population, size, case.experiment)
         modules: dict[str, DistillationModule] = {}
         for name, cfg in specs:
             options = {key: cfg.model[key] for key in MEMBER_MODEL_OPTIONS}
