@@ -298,11 +298,64 @@ def test_step_forward_is_the_weighted_total_of_compute_losses():
     torch.testing.assert_close(total, module.weighted_total(terms), rtol=1e-6, atol=1e-7)
 
 
-def test_compile_step_falls_back_to_the_networks_for_input_gradient_terms():
+def test_compile_step_falls_back_to_the_networks_for_input_gradient_terms_on_every_step():
     module = small_module(gm_scale=1.0)
     with pytest.warns(UserWarning, match="compiling the networks only"):
         module.compile_step()
     assert module._compiled_step is None and module._compile_kwargs == {}
+
+
+def test_off_beat_step_forward_is_the_weighted_total_of_a_step_without_gradient_matching():
+    module = small_module(wd_scale=1.0, gm_scale=1.0, gm_every=4).train()
+    module.set_progress(0.4)
+    module.compile_step()  # no warning: the off-beat steps compile, the due ones run eager
+    assert module._compiled_off_beat and module._compile_kwargs is None
+    assert module.off_beat_order == ["ce", "kd", "wd"]
+    images, targets = batch(n=8)
+    torch.manual_seed(0)
+    _, terms, _ = module.compute_losses(images, targets, step=1)
+    torch.manual_seed(0)
+    total, _, values, _ = module.off_beat_step_forward(
+        images, targets, None, module.weight_vector(images.device, module.off_beat_order)
+    )
+    torch.testing.assert_close(
+        values, torch.stack([terms[f"loss_{n}"] for n in module.off_beat_order])
+    )
+    torch.testing.assert_close(total, module.weighted_total(terms), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_compiled_off_beat_steps_train_like_the_eager_steps_under_gradient_matching():
+    kwargs = dict(wd_scale=1.0, gm_scale=1.0, gm_every=2)
+    eager, compiled = small_module(**kwargs), small_module(**kwargs)
+    compiled.load_state_dict(eager.state_dict())
+    start = [p.detach().clone() for p in eager.student.parameters()]
+    compiled.compile_step()
+    calls = {}
+    for name, module in (("eager", eager), ("compiled", compiled)):
+        original = module.step_losses
+
+        def spy(images, targets, step, indices=None, original=original, name=name):
+            out = original(images, targets, step, indices)
+            calls.setdefault(name, []).append((step, {k: v.item() for k, v in out[1].items()}))
+            return out
+
+        module.step_losses = spy
+        torch.manual_seed(0)
+        cpu_trainer(max_steps=4).fit(module, random_loader(n=32))
+    # the due steps (0, 2) ran eager with the gradient-matching term, the others compiled without
+    assert [sorted(t) for _, t in calls["compiled"]] == [sorted(t) for _, t in calls["eager"]]
+    assert ["loss_gm" in t for _, t in calls["compiled"]] == [True, False, True, False]
+    for (_, want), (_, got) in zip(calls["eager"], calls["compiled"], strict=True):
+        assert got == pytest.approx(want, rel=2e-5)
+    # the weights agree to float rounding of the compiled gradients (relative ~1e-5), which the
+    # Wasserstein term's gradient amplifies a little over the steps: far below how far they moved
+    moved = max((p - s).abs().max() for p, s in zip(eager.student.parameters(), start, strict=True))
+    gap = max(
+        (p - q).abs().max()
+        for p, q in zip(eager.student.parameters(), compiled.student.parameters(), strict=True)
+    )
+    assert gap < 1e-2 * moved, (gap, moved)
 
 
 @pytest.mark.slow

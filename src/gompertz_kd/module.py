@@ -272,6 +272,8 @@ class DistillationModule(L.LightningModule):
         self._compiled_step: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor | None]] | None = (
             None
         )
+        # whether it is the off-beat step (input-gradient terms left out, run eager when due)
+        self._compiled_off_beat = False
         self._runner_checked = False
 
         self.student = _build(student, num_classes, "student")
@@ -657,15 +659,31 @@ class DistillationModule(L.LightningModule):
         values = torch.stack([terms[f"loss_{name}"] for name in self.term_order])
         return (weights * values).sum(), logits, values, teacher_logits
 
+    def off_beat_step_forward(
+        self, images: Tensor, targets: Tensor, indices: Tensor | None, weights: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """:meth:`step_forward` of a step on which the input-gradient terms are not due
+        (``gm_every > 1``): every other term, in :attr:`off_beat_order`."""
+        logits, terms, teacher_logits = self.compute_losses(images, targets, 1, indices)
+        values = torch.stack([terms[f"loss_{name}"] for name in self.off_beat_order])
+        return (weights * values).sum(), logits, values, teacher_logits
+
     @property
     def term_order(self) -> list[str]:
         """``["ce", <term>, ...]``: the order of :meth:`step_forward`'s weights and values."""
         return ["ce", *self.objective.names]
 
-    def weight_vector(self, device: torch.device) -> Tensor:
-        """The current weights in :attr:`term_order` as a tensor on ``device``, copied from
-        pinned memory without blocking on CUDA (no host synchronisation)."""
-        values = torch.tensor([self.loss_weights[f"{n}_weight"] for n in self.term_order])
+    @property
+    def off_beat_order(self) -> list[str]:
+        """:attr:`term_order` without the input-gradient terms (:meth:`off_beat_step_forward`)."""
+        return [n for n in self.term_order if n not in self._lazy_terms]
+
+    def weight_vector(self, device: torch.device, names: Sequence[str] | None = None) -> Tensor:
+        """The current weights of ``names`` (default :attr:`term_order`) as a tensor on
+        ``device``, copied from pinned memory without blocking on CUDA (no host
+        synchronisation)."""
+        names = self.term_order if names is None else names
+        values = torch.tensor([self.loss_weights[f"{n}_weight"] for n in names])
         if device.type == "cuda":
             return values.pin_memory().to(device, non_blocking=True)
         return values.to(device)
@@ -677,14 +695,25 @@ class DistillationModule(L.LightningModule):
         replays it as CUDA graphs. The weights enter as a tensor, so a moving schedule does not
         recompile it.
 
-        Objectives with a term that needs the teacher's input gradient (a double backward,
-        which compiled graphs lack) or the training progress (which would recompile every step)
-        fall back to :meth:`compile_networks`, with a warning.
+        A term that needs the teacher's input gradient (gradient matching: a double backward,
+        which compiled graphs lack) is left out of the graph: with ``gm_every > 1`` the steps it
+        is not due on run compiled (:meth:`off_beat_step_forward`) and the steps it is due on
+        eager. Objectives with such a term on every step (``gm_every=1``), or with a term that
+        reads the training progress (which would recompile every step), fall back to
+        :meth:`compile_networks`, with a warning.
         """
         blocked = sorted(
             set(self.objective.names_needing(Need.INPUT_GRAD))
             | set(self.objective.names_needing(Need.PROGRESS))
         )
+        off_beat = self.gm_every > 1 and not self.objective.names_needing(Need.PROGRESS)
+        if blocked and off_beat:
+            # the input-gradient terms are the lazy ones: due every gm_every-th step only
+            self._compiled_step = torch.compile(
+                self.off_beat_step_forward, **{"dynamic": False, **compile_kwargs}
+            )
+            self._compiled_off_beat = True
+            return
         if blocked:
             warnings.warn(
                 f"compile_step: terms {blocked} need the teacher's input gradient or the "
@@ -699,6 +728,7 @@ class DistillationModule(L.LightningModule):
         self._compiled_step = torch.compile(
             self.step_forward, **{"dynamic": False, **compile_kwargs}
         )
+        self._compiled_off_beat = False
 
     def step_losses(
         self, images: Tensor, targets: Tensor, step: int | None, indices: Tensor | None = None
@@ -706,19 +736,20 @@ class DistillationModule(L.LightningModule):
         """A training step's losses, through the compiled step after :meth:`compile_step`:
         ``(student_logits, terms, teacher_logits, total)`` as :meth:`compute_losses` and
         :meth:`weighted_total` give them."""
-        if self._compiled_step is None:
+        if self._compiled_step is None or (self._compiled_off_beat and self.gm_due(step)):
             logits, terms, teacher_logits = self.compute_losses(images, targets, step, indices)
             return logits, terms, teacher_logits, self.weighted_total(terms)
         if self.teacher is not None and self.objective.terms:
             self._teacher_runner(images.device)  # checked and rebuilt here, not in the graph
+        order = self.off_beat_order if self._compiled_off_beat else self.term_order
         self._runner_checked = True
         try:
             total, logits, values, teacher_logits = self._compiled_step(
-                images, targets, indices, self.weight_vector(images.device)
+                images, targets, indices, self.weight_vector(images.device, order)
             )
         finally:
             self._runner_checked = False
-        terms = {f"loss_{name}": v for name, v in zip(self.term_order, values, strict=True)}
+        terms = {f"loss_{name}": v for name, v in zip(order, values, strict=True)}
         return logits, terms, teacher_logits, total
 
     def step_values(self, terms: Mapping[str, Tensor]) -> dict[str, Tensor]:

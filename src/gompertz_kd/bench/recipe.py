@@ -4,7 +4,8 @@ For each thing ``experiment=c100_resnet50_mbv2`` trains (a KD, DKD or DIST stude
 Gompertz-CNN student as the paper states it, gradient matching on every image of every step, and
 with the experiment's own gradient-matching settings; the ResNet50 teacher's own training), one
 training step at the recipe's batch, eager and compiled (:meth:`DistillationModule.compile_step`,
-whose objectives with gradient matching compile the networks only), and the wall time of its 240
+which with gradient matching every k > 1 steps compiles the steps it is not due on and runs the
+due one eager, and with it on every step compiles the networks only), and the wall time of its 240
 epochs extrapolated from those steps:
 
     epochs x (ceil(train images / batch) x step + ceil(test images / batch) x evaluation forward)
@@ -214,7 +215,8 @@ def recipe_lines(result: RecipeResult) -> list[str]:
         f"(⌈{result.train_images} / {result.batch}⌉ steps + ⌈{result.test_images} / "
         f"{result.batch}⌉ evaluation forwards of its network). Compiled: "
         f"`compile_step({'' if result.compile_mode is None else f'mode={result.compile_mode!r}'})`"
-        "; objectives with gradient matching compile the networks only.",
+        "; with gradient matching every k > 1 steps the off-beat steps compiled and the due step "
+        "eager (the timed steps cycle through both), on every step the networks only.",
         "",
         "| trains | overrides | gm_every, gm_fraction | eager ms/step | eager img/s | compiled "
         "ms/step | compile s | epochs, eager | epochs, compiled | GPU target | status | note |",
