@@ -233,7 +233,11 @@ def test_interrupted_pbt_run_resumes_exactly(tiny_c10, cache, tmp_path, where):
     killer.append(f"+callbacks.kill.signum={int(signal.SIGTERM)}")
     with pytest.raises(RunInterrupted):
         pbt_run(tiny_c10, run_dir, cache, *killer, epochs=3)
-    assert not (run_dir / "pbt.json").exists()
+    # the rounds so far are in pbt.json, marked running (a signal in validation stops the run
+    # after the next training batch: that validation's exploit ran)
+    interim = json.loads((run_dir / "pbt.json").read_text())
+    rounds = [1] if where == "step" else [1, 2]
+    assert interim["status"] == "running" and [r["epoch"] for r in interim["rounds"]] == rounds
     resumed = pbt_run(tiny_c10, run_dir, cache, "ckpt_path=last", epochs=3)
     for name in full.module.members:
         want = full.module.members[name].state_dict()
@@ -243,6 +247,7 @@ def test_interrupted_pbt_run_resumes_exactly(tiny_c10, cache, tmp_path, where):
     a = json.loads((tmp_path / "full" / "pbt.json").read_text())
     b = json.loads((run_dir / "pbt.json").read_text())
     assert a["rounds"] == b["rounds"] and a["lineage"] == b["lineage"]
+    assert a["status"] == b["status"] == "completed"
     assert resumed.module.best == full.module.best
 
 

@@ -258,6 +258,8 @@ class PBTController(L.Callback):
         run_overrides: the run's command-line overrides without its population settings, for the
             replay's command.
         name: the population's name (the replay's is ``<name>_replay``).
+        summary_path: where the run's ``pbt.json`` goes: rewritten after every round with
+            ``"status": "running"``, and by the population at the end as ``"completed"``.
 
     Must come after :class:`~gompertz_kd.population.MemberCheckpoint` among the trainer's
     callbacks (it copies the best checkpoints that callback has just written).
@@ -272,6 +274,7 @@ class PBTController(L.Callback):
         member_overrides: Mapping[str, Sequence[str]] | None = None,
         run_overrides: Sequence[str] = (),
         name: str = "pbt",
+        summary_path: str | os.PathLike | None = None,
     ) -> None:
         self.settings = settings
         self.members = list(members)
@@ -280,6 +283,7 @@ class PBTController(L.Callback):
         self.member_overrides = {k: list(v) for k, v in (member_overrides or {}).items()}
         self.run_overrides = list(run_overrides)
         self.name = str(name)
+        self.summary_path = None if summary_path is None else Path(summary_path)
         self.rng = random.Random(self.seed)
         # name -> {"boundaries": [...], "values": {term: [...]}, "origin": name, "events": [...]}
         self.lineage: dict[str, dict[str, Any]] = {}
@@ -423,6 +427,9 @@ class PBTController(L.Callback):
             }
         )
         self.install(pl_module)
+        if self.summary_path is not None and trainer.is_global_zero:
+            # the rounds so far, for a long run's progress (status "running" until the end)
+            write_summary(self.summary_path, {**self.summary(), "status": "running"})
 
     @staticmethod
     def boundary(trainer: L.Trainer) -> float:

@@ -882,6 +882,8 @@ def run_population(
     objectives = {name: check_config(member) for name, (member, _) in members_cfg.items()}
     check_config(cfg)
     pbt = pbt_controller(cfg, members_cfg, objectives, base_overrides)
+    if pbt is not None:
+        pbt.summary_path = output_dir / PBT_FILE
     resume = resume_checkpoint(cfg, output_dir)
     distils = any(o.terms for o in objectives.values())
     L.seed_everything(cfg.seed, workers=True)
@@ -940,7 +942,7 @@ def run_population(
         start, teacher_provision_s, pbt,
     )  # fmt: skip
     if pbt is not None and trainer.is_global_zero:
-        write_summary(output_dir / PBT_FILE, pbt.summary())
+        write_summary(output_dir / PBT_FILE, {**pbt.summary(), "status": "completed"})
     return TrainingRun(results=results, module=module, trainer=trainer)
 
 
