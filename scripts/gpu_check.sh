@@ -167,9 +167,9 @@ if want recipe; then
     stage "recipe: experiment=c100_resnet50_mbv2 at batch $batch, bf16-mixed, eager and compiled ($compile_mode)"
     mode=()
     [[ $compile_mode != default ]] && mode=(--compile-mode "$compile_mode")
-    step 240 "recipe" "$PY" -m gompertz_kd.bench "${networks[@]}" --device "$device" \
+    step 220 "recipe" "$PY" -m gompertz_kd.bench "${networks[@]}" --device "$device" \
         --precision bf16-mixed --sections recipe --batch "$batch" --compile "${mode[@]}" \
-        "${recipe_compile[@]}" --repeats 3 --budget 200 --output "$out/recipe.md"
+        "${recipe_compile[@]}" --repeats 3 --budget 180 --output "$out/recipe.md"
 fi
 
 if want e2e; then

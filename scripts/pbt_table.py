@@ -45,6 +45,9 @@ def _top1(results: dict, which: str) -> float | None:
 
 def pbt_rows(folder: Path) -> list[str]:
     summary = json.loads((folder / "pbt.json").read_text())
+    status = summary.get("status", "completed")  # files before the status field: completed runs
+    if status != "completed":
+        raise SystemExit(f"{folder}: the PBT run is {status}, not completed (pbt.json status)")
     if summary.get("winner") is None:
         raise SystemExit(f"{folder}: pbt.json names no winner (no validation ran)")
     runs = _runs(folder)

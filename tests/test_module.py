@@ -331,6 +331,9 @@ def test_compiled_off_beat_steps_train_like_the_eager_steps_under_gradient_match
     compiled.load_state_dict(eager.state_dict())
     start = [p.detach().clone() for p in eager.student.parameters()]
     compiled.compile_step()
+    graph_calls = []
+    graph = compiled._compiled_step
+    compiled._compiled_step = lambda *args: graph_calls.append(1) or graph(*args)
     calls = {}
     for name, module in (("eager", eager), ("compiled", compiled)):
         original = module.step_losses
@@ -346,6 +349,7 @@ def test_compiled_off_beat_steps_train_like_the_eager_steps_under_gradient_match
     # the due steps (0, 2) ran eager with the gradient-matching term, the others compiled without
     assert [sorted(t) for _, t in calls["compiled"]] == [sorted(t) for _, t in calls["eager"]]
     assert ["loss_gm" in t for _, t in calls["compiled"]] == [True, False, True, False]
+    assert len(graph_calls) == 2  # the off-beat steps 1 and 3 ran through the compiled graph
     for (_, want), (_, got) in zip(calls["eager"], calls["compiled"], strict=True):
         assert got == pytest.approx(want, rel=2e-5)
     # the weights agree to float rounding of the compiled gradients (relative ~1e-5), which the

@@ -233,11 +233,11 @@ def test_interrupted_pbt_run_resumes_exactly(tiny_c10, cache, tmp_path, where):
     killer.append(f"+callbacks.kill.signum={int(signal.SIGTERM)}")
     with pytest.raises(RunInterrupted):
         pbt_run(tiny_c10, run_dir, cache, *killer, epochs=3)
-    # the rounds so far are in pbt.json, marked running (a signal in validation stops the run
+    # the rounds so far are in pbt.json, marked interrupted (a signal in validation stops the run
     # after the next training batch: that validation's exploit ran)
     interim = json.loads((run_dir / "pbt.json").read_text())
     rounds = [1] if where == "step" else [1, 2]
-    assert interim["status"] == "running" and [r["epoch"] for r in interim["rounds"]] == rounds
+    assert interim["status"] == "interrupted" and [r["epoch"] for r in interim["rounds"]] == rounds
     resumed = pbt_run(tiny_c10, run_dir, cache, "ckpt_path=last", epochs=3)
     for name in full.module.members:
         want = full.module.members[name].state_dict()
@@ -417,3 +417,10 @@ def test_pbt_table_leaves_out_runs_without_a_test_score():
     pbt_table = _load_pbt_table()
     assert pbt_table._pct([0.5, None, 0.7]) == "60.00 ± 14.14"
     assert pbt_table._pct([None]) == "—"
+
+
+def test_pbt_table_refuses_a_run_that_is_not_completed(tmp_path):
+    pbt_table = _load_pbt_table()
+    (tmp_path / "pbt.json").write_text(json.dumps({"status": "running", "winner": "a"}))
+    with pytest.raises(SystemExit, match="running, not completed"):
+        pbt_table.pbt_rows(tmp_path)

@@ -935,7 +935,13 @@ def run_population(
     expected = module.state_dict()
     for prefix in module._teacher_copies():  # the shared teacher is saved once
         expected = {k: v for k, v in expected.items() if not k.startswith(prefix)}
-    fit(cfg, trainer, module, datamodule, loggers, resume, expected)
+    try:
+        fit(cfg, trainer, module, datamodule, loggers, resume, expected)
+    except BaseException:
+        if pbt is not None and pbt.rounds and trainer.is_global_zero:
+            # stopped (a signal, an error): not a live run's file; a hard kill leaves "running"
+            write_summary(output_dir / PBT_FILE, {**pbt.summary(), "status": "interrupted"})
+        raise
 
     results = _member_results(
         cfg, members_cfg, trainer, module, datamodule, member_checkpoints, output_dir,

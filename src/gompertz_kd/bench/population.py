@@ -195,6 +195,9 @@ def population_rows(
                 objective=build_objective(cfg), num_train_samples=num_train_samples, **options
             )
         with_indices = any(Need.INDICES in m.objective.needs for m in modules.values())
+        # members with gradient matching every k steps: each timed sample is whole k-step cycles
+        # starting on a due step (one step at a time would time the off-beat steps only)
+        cycle = max((int(m.gm_every) for m in modules.values() if m.gm_due(None)), default=1)
         cases = []
         singles: dict[str, Callable[[], None]] = {}
         if compare:
@@ -202,7 +205,10 @@ def population_rows(
                 singles[name] = bench.PlainLoop(setup, module)
                 cases.append(
                     bench.Case(
-                        f"single {name}", bench.timed(singles[name], setup.device), setup.batch
+                        f"single {name}",
+                        bench.timed(singles[name], setup.device, cycle),
+                        setup.batch,
+                        steps=cycle,
                     )
                 )
         # the members' own modules serve the population too: its step trains the same weights
@@ -211,7 +217,11 @@ def population_rows(
             setup, population, bench._forever(setup.tensor_loader(with_indices=with_indices))
         )
         label = f"population K={size}"
-        cases.append(bench.Case(label, bench.timed(loop, setup.device), setup.batch, memory=loop))
+        cases.append(
+            bench.Case(
+                label, bench.timed(loop, setup.device, cycle), setup.batch, steps=cycle, memory=loop
+            )
+        )
         # and the same members fused (those of one architecture without gradient matching)
         fused_population = PopulationModule(modules, fuse=True)
         fused_loop, fused_label, refused = None, f"fused population K={size}", None
@@ -230,8 +240,9 @@ def population_rows(
             cases.append(
                 bench.Case(
                     fused_label,
-                    bench.timed(fused_loop, setup.device),
+                    bench.timed(fused_loop, setup.device, cycle),
                     setup.batch,
+                    steps=cycle,
                     memory=fused_loop,
                 )
             )
@@ -261,8 +272,9 @@ def population_rows(
             cases.append(
                 bench.Case(
                     compiled_label,
-                    bench.timed(compiled_loop, setup.device),
+                    bench.timed(compiled_loop, setup.device, cycle),
                     setup.batch,
+                    steps=cycle,
                     memory=compiled_loop,
                 )
             )
