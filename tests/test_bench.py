@@ -124,6 +124,7 @@ def test_round_robin_visits_every_case_in_turn_and_keeps_the_repeats():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+@pytest.mark.slow  # for its time; `make test-full` runs it
 def test_peak_memory_sees_what_a_call_allocates():
     # In a child process: the probe changes glibc's allocator settings for the whole process.
     code = (

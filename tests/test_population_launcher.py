@@ -86,6 +86,7 @@ def test_a_sweep_trains_as_one_population_each_job_its_single_run(tiny_c10, cach
     assert results["test"] == single.results["test"]
 
 
+@pytest.mark.slow  # for its time; `make test-full` runs it
 def test_optuna_trials_train_in_batches_and_get_their_members_values(tiny_c10, cache, tmp_path):
     out = tmp_path / "optuna"
     proc = sweep(
