@@ -655,17 +655,27 @@ class DistillationModule(L.LightningModule):
             ``(total, student_logits, values, teacher_logits)``: ``values`` ``(1 + T,)`` the
             unweighted losses in :attr:`term_order`.
         """
-        logits, terms, teacher_logits = self.compute_losses(images, targets, None, indices)
-        values = torch.stack([terms[f"loss_{name}"] for name in self.term_order])
-        return (weights * values).sum(), logits, values, teacher_logits
+        return self._weighted_forward(images, targets, indices, weights, None, self.term_order)
 
     def off_beat_step_forward(
         self, images: Tensor, targets: Tensor, indices: Tensor | None, weights: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """:meth:`step_forward` of a step on which the input-gradient terms are not due
         (``gm_every > 1``): every other term, in :attr:`off_beat_order`."""
-        logits, terms, teacher_logits = self.compute_losses(images, targets, 1, indices)
-        values = torch.stack([terms[f"loss_{name}"] for name in self.off_beat_order])
+        return self._weighted_forward(images, targets, indices, weights, 1, self.off_beat_order)
+
+    def _weighted_forward(
+        self,
+        images: Tensor,
+        targets: Tensor,
+        indices: Tensor | None,
+        weights: Tensor,
+        step: int | None,
+        order: Sequence[str],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """The losses of training step ``step`` (its due terms: ``order``) and their total."""
+        logits, terms, teacher_logits = self.compute_losses(images, targets, step, indices)
+        values = torch.stack([terms[f"loss_{name}"] for name in order])
         return (weights * values).sum(), logits, values, teacher_logits
 
     @property

@@ -141,6 +141,10 @@ class History:
         return xs[keep], ys[keep]
 
 
+# how a PBT member's configuration is marked (config_name); such rows pair with no seed
+PBT_WINNER, PBT_MEMBER = "[PBT winner]", "[PBT member]"
+
+
 def _to_float(value: str | None) -> float:
     try:
         return float(value) if value not in (None, "") else math.nan
@@ -241,7 +245,7 @@ def config_name(results: dict[str, Any], group_by: Sequence[str] = DEFAULT_GROUP
     parts = []
     record = results.get("pbt")
     if isinstance(record, dict):
-        parts.append("[PBT winner]" if record.get("winner") else "[PBT member]")
+        parts.append(PBT_WINNER if record.get("winner") else PBT_MEMBER)
     for key in group_by:
         if key == "name":
             parts.append(str(results.get("name") or "?"))
@@ -446,7 +450,7 @@ def paired_difference(row: SummaryRow, baseline: SummaryRow) -> Stat:
     have (same seed: same student initialisation and data order, so the pairing removes that
     part of the spread): mean and sample std of the differences. PBT members pair with nothing
     (no values): a member's student may descend from another member's seed."""
-    if row.config.startswith(("[PBT winner]", "[PBT member]")):
+    if row.config.startswith((PBT_WINNER, PBT_MEMBER)):
         return Stat.of(())
     base = {s: v for s, v in baseline.test_top1_by_seed if s is not None and v is not None}
     return Stat.of(v - base[s] for s, v in row.test_top1_by_seed if s in base and v is not None)
