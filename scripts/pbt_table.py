@@ -5,9 +5,11 @@ top-1 read once at the end) beside the schedule study's fixed arms of the same m
         --study docs/results/schedule_study/study_dist [--replay docs/results/pbt/dist_replay]
 
 A PBT run directory holds ``pbt.json`` and ``members/<name>/results.json`` (or the members'
-directories directly); the study and replay directories hold members' directories. With
-``--replay`` and ``--study``, a second table pairs each replay with each study arm by init seed
-(same data seed and teacher): the per-seed differences of last-epoch test top-1.
+directories directly); a run with control members (``population.pbt.controls``) gets a third
+row, the controls at the method's own weight and the winner's gap to them. The study and replay
+directories hold members' directories. With ``--replay`` and ``--study``, a second table pairs
+each replay with each study arm by init seed (same data seed and teacher): the per-seed
+differences of last-epoch test top-1.
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ def pbt_rows(folder: Path) -> list[str]:
     runs = _runs(folder)
     winner = runs[summary["winner"]]
     members = [r for n, r in runs.items() if n in summary["members"]]
+    controls = [r for n, r in runs.items() if n in summary.get("controls", [])]
     record = winner["pbt"]
     copies = sum(len(r["copies"]) for r in summary["rounds"])
-    return [
+    rows = [
         f"| PBT `{folder.name}`: winner `{summary['winner']}` (val {100 * record['last_val_score']:.2f}) "
         f"| 1 | {_pct([_top1(winner, 'test')])} | {_pct([_top1(winner, 'best')])} "
         f"| `{_short(record['schedules'][summary['terms'][0]])}` |",
@@ -64,6 +67,17 @@ def pbt_rows(folder: Path) -> list[str]:
         f"| {_pct([_top1(r, 'best') for r in members])} | {len(summary['rounds'])} rounds, "
         f"{copies} copies |",
     ]
+    if controls:
+        test = (summary.get("evidence") or {}).get("test") or {}
+        gap = test.get("winner_minus_controls")
+        note = "" if gap is None else f"; winner − controls {gap:+.2f} points"
+        rows.append(
+            f"| PBT `{folder.name}`: {len(controls)} in-run controls (own weight) | {len(controls)} "
+            f"| {_pct([_top1(r, 'test') for r in controls])} "
+            f"| {_pct([_top1(r, 'best') for r in controls])} | seeds "
+            f"{', '.join(str(r['seed']) for r in controls)}{note} |"
+        )
+    return rows
 
 
 def _short(schedule: str) -> str:

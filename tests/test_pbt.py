@@ -161,6 +161,51 @@ def test_explore_perturbs_the_copied_weight_and_the_replay_schedule_is_its_histo
     assert "all 2 members" in members_row and "2 rounds" in members_row
 
 
+def test_control_members_train_untouched_beside_the_pbt_members(tiny_c10, cache, tmp_path):
+    # one control: the twin of dist_s0 (its overrides and init seed) at DIST's own weight
+    run = pbt_run(tiny_c10, tmp_path / "run", cache, "+population.pbt.controls=1", epochs=3)
+    assert list(run.results) == ["dist_s0", "dist_s1", "dist_control_s0"]
+    summary = json.loads((tmp_path / "run" / "pbt.json").read_text())
+    assert summary["members"] == ["dist_s0", "dist_s1"] and summary["controls"] == ["dist_control_s0"]
+    assert all("dist_control_s0" not in r["scores"] for r in summary["rounds"])
+    assert all("dist_control_s0" not in r["copies"].values() for r in summary["rounds"])
+    control = run.results["dist_control_s0"]
+    assert "pbt" not in control and control["seed"] == 0 and control["name"] == "dist_control"
+    logged = column(tmp_path / "run" / "members" / "dist_control_s0" / "csv" / "metrics.csv",
+                    "dist_weight")  # fmt: skip
+    assert logged and {w for _, w in logged} == {1.0}  # DIST's published weight, every step
+    # the control is the plain member: bit-equal to dist_s0 trained in a population without PBT
+    overrides = base(tiny_c10, tmp_path / "plain", cache, 3)
+    cfg = compose_cfg([*overrides, "+population.members={dist: ['method=dist']}",
+                       "+population.seeds=[0]"])  # fmt: skip
+    plain = run_population(cfg, base_overrides=overrides)
+    a = run.module.members["dist_control_s0"].state_dict()
+    b = plain.module.members["dist_s0"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert control["test"] == plain.results["dist_s0"]["test"]
+    # pbt.json weighs the winner against the control on the test split
+    test = summary["evidence"]["test"]
+    winner = summary["winner"]
+    assert test["winner"] == run.results[winner]["test"]["top1"]
+    assert test["controls"] == {"dist_control_s0": control["test"]["top1"]}
+    gap = 100 * (run.results[winner]["test"]["top1"] - control["test"]["top1"])
+    assert test["winner_minus_controls"] == pytest.approx(gap)
+    rows = _load_pbt_table().pbt_rows(tmp_path / "run")
+    assert len(rows) == 3 and "1 in-run controls" in rows[2] and f"{gap:+.2f} points" in rows[2]
+    # the controls change nothing for the PBT members: the same decisions, the same students
+    alone = pbt_run(tiny_c10, tmp_path / "alone", cache, epochs=3)
+    assert json.loads((tmp_path / "alone" / "pbt.json").read_text())["rounds"] == summary["rounds"]
+    for name in summary["members"]:
+        want = alone.module.members[name].state_dict()
+        got = run.module.members[name].state_dict()
+        assert all(torch.equal(want[k], got[k]) for k in want), name
+    # a copied member keeps what it followed before the copy
+    copied = [n for n in summary["members"] if summary["lineage"][n]["events"]]
+    for name in copied:
+        replaced = summary["lineage"][name]["replaced"]
+        assert replaced and replaced[0]["origin"] == name and replaced[0]["epoch"] == 1
+
+
 def _load_pbt_table():
     spec = importlib.util.spec_from_file_location(
         "pbt_table", TESTS.parent / "scripts" / "pbt_table.py"
@@ -297,6 +342,8 @@ def test_hard_killed_pbt_run_resumes_from_the_epoch_end_checkpoint_exactly(
         ([], "[0,1]", "{dist: ['method=dist'], kd: ['method=kd']}", "PBT members train one method"),
         (["+population.pbt.low=0"], "[0,1]", None, "low=0.0 must be > 0"),
         (["+population.pbt.metric=val/acc"], "[0,1]", None, "metric='val/acc' must be one of"),
+        (["+population.pbt.controls=3"], "[0,1]", None, "controls=3: .* use at most 2"),
+        (["+population.pbt.controls=-1"], "[0,1]", None, "controls=-1 must be a count"),
         (["+trainer.val_check_interval=0.5"], "[0,1]", None, "val_check_interval=0.5"),
         (["+trainer.limit_val_batches=0"], "[0,1]", None, "limit_val_batches=0"),
         (
@@ -342,8 +389,10 @@ def test_pbt_configs_are_valid_for_the_long_recipe(name):
     members = compose_members(cfg, overrides)
     objectives = {n: check_config(member) for n, (member, _) in members.items()}
     controller = pbt_controller(cfg, members, objectives)  # every check of a real run
-    assert controller.settings.interval < cfg.trainer.max_epochs and len(members) >= 8
-    assert math.floor(len(members) * controller.settings.quantile) >= 1
+    assert controller.settings.interval < cfg.trainer.max_epochs and len(controller.members) >= 8
+    assert math.floor(len(controller.members) * controller.settings.quantile) >= 1
+    assert controller.controls == [f"{name[4:]}_control_s0", f"{name[4:]}_control_s1"]
+    assert list(members) == [*controller.members, *controller.controls]
     assert controller.seed == 0 and controller.terms == list(next(iter(objectives.values())).names)
 
 

@@ -27,8 +27,15 @@ What :class:`PBTController` does:
   stream, every member's lineage) is in the population's checkpoints, so a resumed run takes the
   same decisions.
 
+``population.pbt.controls`` adds control members: twins of the first members (the same overrides
+and init seed) that keep the method's own weight and that the controller never ranks or copies.
+The run's ``pbt.json`` weighs the winner against them on the test split (:meth:`PBTController.
+evidence`): in one run, whether the found schedule beat the static weight (one sample; the
+replay tests the schedule itself).
+
 Every member's *lineage* (its weight as a step function of progress, and each copy: when, from
-whom, with which factor) goes into its ``results.json`` under ``pbt``, and the run's
+whom, with which factor; what a copy replaced, under ``replaced``) goes into its
+``results.json`` under ``pbt``, and the run's
 ``pbt.json`` names the winner (the best member on the last epoch's val score) and its replay:
 the winner's member overrides with its schedule written as ``method.terms.<term>.schedule=
 "piecewise(...)"`` (the values are multiples of the term's scale, so the member's own overrides,
@@ -54,12 +61,22 @@ import torch
 
 from gompertz_kd.schedules import Piecewise
 
-__all__ = ["PBT_FILE", "PBTController", "PBTSettings", "RANKED_METRICS"]
+__all__ = [
+    "CONTROL",
+    "PBT_FILE",
+    "PBTController",
+    "PBTSettings",
+    "RANKED_METRICS",
+    "control_members",
+]
 
 # the member metrics PBT may rank by (``population.pbt.metric``) and which way is better
 RANKED_METRICS = {"val/top1": "max", "val/top5": "max", "val/loss_ce": "min"}
 
 PBT_FILE = "pbt.json"
+
+# a control member's name: its PBT twin's base name, then this, then the seed suffix
+CONTROL = "control"
 
 
 @dataclass(frozen=True)
@@ -78,6 +95,10 @@ class PBTSettings:
         seed: the controller's random stream (default: the smallest member init seed).
         metric: the member metric that ranks them, on the held-out val split: one of
             :data:`RANKED_METRICS` (accuracies rank high first, the loss low first).
+        controls: how many control members train beside the PBT members: copies of the first
+            ``controls`` members (same overrides, same init seed) that keep the method's own
+            weight, never ranked, copied or copied from; the run's evidence against the static
+            weight (:func:`control_members`, :meth:`PBTController.evidence`).
     """
 
     interval: int = 2
@@ -89,6 +110,7 @@ class PBTSettings:
     terms: tuple[str, ...] | None = None
     seed: int | None = None
     metric: str = "val/top1"
+    controls: int = 0
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any] | None) -> PBTSettings | None:
@@ -113,7 +135,7 @@ class PBTSettings:
             if node.get("terms") is not None:
                 terms = node["terms"]
                 node["terms"] = (terms,) if isinstance(terms, str) else tuple(map(str, terms))
-            for key in ("interval",):
+            for key in ("interval", "controls"):
                 if key in node:
                     node[key] = int(node[key])
             for key in ("quantile", "resample_probability", "low", "high"):
@@ -133,6 +155,7 @@ class PBTSettings:
                 raise ValueError(f"population.pbt.{key}={getattr(self, key)!r} must be {expected}")
 
         need(self.interval >= 1, "interval", "at least 1 (epochs between exploit steps)")
+        need(self.controls >= 0, "controls", "a count of control members, 0 or more")
         need(0 < self.quantile <= 0.5, "quantile", "in (0, 0.5] (the bottom copies the top)")
         need(
             len(self.factors) > 0 and all(f > 0 for f in self.factors),
@@ -246,6 +269,36 @@ class PBTSettings:
         return terms
 
 
+def control_members(
+    population: Mapping[str, Any], members: Mapping[str, tuple[Sequence[str], int | None, str]]
+) -> dict[str, tuple[list[str], int | None]]:
+    """The control members of ``population.pbt.controls``: ``name -> (overrides, init seed)``.
+
+    ``members`` maps each PBT member's name to ``(overrides, init seed, base name)`` in the
+    population's order. Control ``i`` is the ``i``-th member's twin: the same overrides and init
+    seed, named ``<base>_control_s<seed>`` (``<base>_control`` for a member without a seed
+    suffix), trained beside the PBT members at the method's own weight: nothing the controller
+    does touches it. Empty without PBT or controls.
+
+    Raises:
+        ValueError: a bad ``population.pbt`` (any setting), or more controls than members.
+    """
+    settings = PBTSettings.from_config(population.get("pbt"))
+    if settings is None or not settings.controls:
+        return {}
+    if settings.controls > len(members):
+        raise ValueError(
+            f"population.pbt.controls={settings.controls}: a control is the twin of a PBT member "
+            f"(its overrides and init seed), and there are {len(members)} members; use at most "
+            f"{len(members)}"
+        )
+    out = {}
+    for name, (overrides, seed, base) in list(members.items())[: settings.controls]:
+        suffix = "" if name == base or seed is None else f"_s{seed}"
+        out[f"{base}_{CONTROL}{suffix}"] = (list(overrides), seed)
+    return out
+
+
 class PBTController(L.Callback):
     """Truncation selection and explore of the members' term weights (see the module docstring).
 
@@ -260,6 +313,8 @@ class PBTController(L.Callback):
         name: the population's name (the replay's is ``<name>_replay``).
         summary_path: where the run's ``pbt.json`` goes: rewritten after every round with
             ``"status": "running"``, and by the population at the end as ``"completed"``.
+        controls: the population's control members (``population.pbt.controls``), which train
+            beside the members untouched; named in ``pbt.json`` with their test scores.
 
     Must come after :class:`~gompertz_kd.population.MemberCheckpoint` among the trainer's
     callbacks (it copies the best checkpoints that callback has just written).
@@ -275,6 +330,7 @@ class PBTController(L.Callback):
         run_overrides: Sequence[str] = (),
         name: str = "pbt",
         summary_path: str | os.PathLike | None = None,
+        controls: Sequence[str] = (),
     ) -> None:
         self.settings = settings
         self.members = list(members)
@@ -284,10 +340,13 @@ class PBTController(L.Callback):
         self.run_overrides = list(run_overrides)
         self.name = str(name)
         self.summary_path = None if summary_path is None else Path(summary_path)
+        self.controls = list(controls)
         self.rng = random.Random(self.seed)
         # name -> {"boundaries": [...], "values": {term: [...]}, "origin": name, "events": [...]}
         self.lineage: dict[str, dict[str, Any]] = {}
         self.rounds: list[dict[str, Any]] = []
+        # name -> the lineages a copy replaced (the member's own history before each copy)
+        self.replaced: dict[str, list[dict[str, Any]]] = {}
         self.last_scores: dict[str, float] = {}
         self.last_epoch: int | None = None
 
@@ -417,6 +476,9 @@ class PBTController(L.Callback):
                 for term in self.terms:
                     lineage["values"][term].pop()
             lineage["events"].append(event)
+            self.replaced.setdefault(name, []).append(
+                {"until": progress, "epoch": done, **copy.deepcopy(self.lineage[name])}
+            )
             self.lineage[name] = lineage
         self.rounds.append(
             {
@@ -508,10 +570,14 @@ class PBTController(L.Callback):
             "events": copy.deepcopy(own["events"]),
             "last_val_score": self.last_scores.get(name),
             "winner": name == self.winner(),
+            # what this member followed before each copy replaced its lineage (until: progress)
+            "replaced": copy.deepcopy(self.replaced.get(name, [])),
         }
 
-    def summary(self) -> dict[str, Any]:
-        """The run's ``pbt.json``: settings, rounds, every lineage, the winner and its replay."""
+    def summary(self, results: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+        """The run's ``pbt.json``: settings, rounds, every lineage, the winner and its replay;
+        with the members' final ``results``, the test scores against the controls
+        (:meth:`evidence`)."""
         winner = self.winner()
         replay = None
         if winner is not None:
@@ -528,7 +594,39 @@ class PBTController(L.Callback):
             "last_epoch": self.last_epoch,
             "winner": winner,
             "replay": replay,
+            "controls": list(self.controls),
+            "evidence": None if results is None else self.evidence(results),
         }
+
+    def evidence(self, results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
+        """Test top-1 (``test``: the last epoch; ``best``: the best val epoch) of the winner, of
+        every PBT member and of every control, with the winner's and the members' mean minus the
+        controls' mean, in points. ``None`` without a winner or without test scores.
+
+        One PBT run is one sample, and its winner was selected on val among the members (the
+        controls were not): the replay (:meth:`replay`) is the test of the schedule itself."""
+        winner = self.winner()
+        if winner is None:
+            return None
+        out: dict[str, Any] = {"winner": winner, "controls": list(self.controls)}
+        for which in ("test", "best"):
+            members = {n: _top1(results, n, which) for n in self.members}
+            controls = {n: _top1(results, n, which) for n in self.controls}
+            if members[winner] is None:
+                continue
+            entry: dict[str, Any] = {
+                "winner": members[winner],
+                "members": members,
+                "controls": controls,
+            }
+            kept = [v for v in controls.values() if v is not None]
+            if kept:
+                mean = sum(kept) / len(kept)
+                scored = [v for v in members.values() if v is not None]
+                entry["winner_minus_controls"] = 100 * (members[winner] - mean)
+                entry["members_minus_controls"] = 100 * (sum(scored) / len(scored) - mean)
+            out[which] = entry
+        return out if "test" in out or "best" in out else None
 
     def replay(self, name: str, seeds: Sequence[int] = (0, 1, 2)) -> dict[str, Any]:
         """How member ``name``'s schedule trains from scratch: its piecewise schedules, its
@@ -572,6 +670,7 @@ class PBTController(L.Callback):
             "last_epoch": self.last_epoch,
             "members": list(self.members),
             "terms": list(self.terms),
+            "replaced": copy.deepcopy(self.replaced),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -585,8 +684,14 @@ class PBTController(L.Callback):
         self.rng.setstate((version, tuple(internal), gauss))
         self.lineage = copy.deepcopy(state_dict["lineage"])
         self.rounds = copy.deepcopy(state_dict["rounds"])
+        self.replaced = copy.deepcopy(state_dict.get("replaced", {}))  # older checkpoints lack it
         self.last_scores = dict(state_dict["last_scores"])
         self.last_epoch = state_dict["last_epoch"]
+
+
+def _top1(results: Mapping[str, Mapping[str, Any]], name: str, which: str) -> float | None:
+    value = (results.get(name, {}).get(which) or {}).get("top1")
+    return None if value is None else float(value)
 
 
 def _convex_cap(objective: Any, term: str) -> float | None:

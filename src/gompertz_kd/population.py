@@ -76,7 +76,7 @@ from gompertz_kd.config import CONFIG_DIR
 from gompertz_kd.fused import FusedStudents, fusable, student_signature
 from gompertz_kd.module import DeferredFiniteCheck, DistillationModule, NonFiniteLossError
 from gompertz_kd.objectives import Need
-from gompertz_kd.pbt import PBT_FILE, PBTController, PBTSettings, write_summary
+from gompertz_kd.pbt import PBT_FILE, PBTController, PBTSettings, control_members, write_summary
 from gompertz_kd.run_files import HISTORY_FILE, RESULTS_FILE
 from gompertz_kd.run_parts import (
     TrainingRun,
@@ -713,10 +713,14 @@ def check_member_names(names: Sequence[str]) -> None:
         seen.add(name)
 
 
-def member_names(population: DictConfig) -> dict[str, tuple[list[str], int | None]]:
+def member_names(
+    population: DictConfig, with_controls: bool = True
+) -> dict[str, tuple[list[str], int | None]]:
     """``name -> (overrides, init seed)`` of every member, replicated over ``seeds`` when given
     (``<name>_s<seed>``; ``None``: the run's seed). A member given as ``{overrides: [...], seed:
-    N}`` has its own init seed and is not replicated (the population launcher's jobs)."""
+    N}`` has its own init seed and is not replicated (the population launcher's jobs). A PBT
+    population's control members (``population.pbt.controls``,
+    :func:`~gompertz_kd.pbt.control_members`) come last (left out with ``with_controls=False``)."""
     members = population.get("members")
     if not members:
         check_member_names([])
@@ -733,6 +737,7 @@ def member_names(population: DictConfig) -> dict[str, tuple[list[str], int | Non
         check_member_names([])
     out: dict[str, tuple[list[str], int | None]] = {}
     names: list[str] = []
+    bases: dict[str, str] = {}
     for base, overrides in members.items():
         own_seed = None
         if isinstance(
@@ -765,13 +770,19 @@ def member_names(population: DictConfig) -> dict[str, tuple[list[str], int | Non
         if own_seed is not None:
             names.append(str(base))
             out[str(base)] = (overrides, int(own_seed))
+            bases[str(base)] = str(base)
             continue
         for seed in seeds if seeds is not None else [None]:
             name = str(base) if seed is None else f"{base}_s{seed}"
             names.append(name)
             out[name] = (overrides, seed)
+            bases[name] = str(base)
+    controls = (
+        control_members(population, {n: (*out[n], bases[n]) for n in out}) if with_controls else {}
+    )
+    names += list(controls)
     check_member_names(names)
-    return out
+    return {**out, **controls}
 
 
 def shared_overrides(base_overrides: Sequence[str]) -> list[str]:
@@ -948,8 +959,27 @@ def run_population(
         start, teacher_provision_s, pbt,
     )  # fmt: skip
     if pbt is not None and trainer.is_global_zero:
-        write_summary(output_dir / PBT_FILE, {**pbt.summary(), "status": "completed"})
+        summary = pbt.summary(results)
+        write_summary(output_dir / PBT_FILE, {**summary, "status": "completed"})
+        log_evidence(summary["evidence"], output_dir / PBT_FILE)
     return TrainingRun(results=results, module=module, trainer=trainer)
+
+
+def log_evidence(evidence: Mapping[str, Any] | None, path: Path) -> None:
+    """One line: the PBT winner's test top-1 against the control members'."""
+    test = (evidence or {}).get("test")
+    if not test:
+        return
+    kept = [v for v in test["controls"].values() if v is not None]
+    line = f"PBT winner {evidence['winner']}: test top-1 {100 * test['winner']:.2f} %"
+    if kept:
+        line += (
+            f"; {len(kept)} control(s) at the method's own weight {100 * sum(kept) / len(kept):.2f} %"
+            f" ({test['winner_minus_controls']:+.2f} points; members' mean "
+            f"{test['members_minus_controls']:+.2f}). One PBT run is one sample: replay the "
+            f"winner's schedule on other seeds (replay.command in {path}) to test it"
+        )
+    log.info(line)
 
 
 def pbt_controller(
@@ -964,13 +994,18 @@ def pbt_controller(
     settings = PBTSettings.from_config(cfg.population.get("pbt"))
     if settings is None:
         return None
+    owned = member_names(cfg.population, with_controls=False)
     modes = {
-        name: str(OmegaConf.select(member, "callbacks.gompertz_weight.progress", default="clock"))
-        for name, (member, _) in members_cfg.items()
+        name: str(
+            OmegaConf.select(
+                members_cfg[name][0], "callbacks.gompertz_weight.progress", default="clock"
+            )
+        )
+        for name in owned
     }
     terms = settings.check_run(
-        list(members_cfg),
-        objectives,
+        list(owned),
+        {name: objectives[name] for name in owned},
         cfg.trainer.get("max_epochs"),
         int(cfg.data.get("val_split", 0) or 0),
         cfg.trainer.get("check_val_every_n_epoch"),
@@ -980,13 +1015,14 @@ def pbt_controller(
     )
     seed = settings.seed
     if seed is None:
-        seed = min(int(member_seed) for _, member_seed in members_cfg.values())
+        seed = min(int(members_cfg[name][1]) for name in owned)
     return PBTController(
         settings,
-        list(members_cfg),
+        list(owned),
         terms,
         seed,
-        member_overrides={n: o for n, (o, _) in member_names(cfg.population).items()},
+        member_overrides={n: o for n, (o, _) in owned.items()},
+        controls=[n for n in members_cfg if n not in owned],
         run_overrides=shared_overrides(base_overrides),
         name=str(cfg.population.get("name") or "pbt"),
     )
@@ -1069,7 +1105,7 @@ def _member_results(  # fmt: skip
             },
             "config": OmegaConf.to_container(member_cfg, resolve=True),
         }
-        if pbt is not None:
+        if pbt is not None and name in pbt.members:
             results["pbt"] = pbt.member_record(name)
         if trainer.is_global_zero:
             write_json_atomically(member_dir / RESULTS_FILE, results)
