@@ -204,6 +204,68 @@ def test_control_members_train_untouched_beside_the_pbt_members(tiny_c10, cache,
     for name in copied:
         replaced = summary["lineage"][name]["replaced"]
         assert replaced and replaced[0]["origin"] == name and replaced[0]["epoch"] == 1
+        own = [e for e in summary["lineage"][name]["events"] if e["member"] == name]
+        assert replaced[-1]["until"] == own[-1]["progress"]  # the copy that made its lineage
+        assert replaced[0]["until"] == summary["rounds"][0]["progress"]
+        # what it followed until then: its own starting draw, logged on its first steps
+        logged = dict(column(tmp_path / "run" / "members" / name / "csv" / "metrics.csv",
+                             "dist_weight"))  # fmt: skip
+        assert replaced[0]["values"]["dist"][0] == pytest.approx(logged[0], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("members", "seeds", "controls", "want"),
+    [
+        ({"kd": ["method=kd"]}, [3, 4], 2, ["kd_s3", "kd_s4", "kd_control_s3", "kd_control_s4"]),
+        ({"kd": ["method=kd"]}, None, 1, ["kd", "kd_control"]),
+        ({"a": {"overrides": ["method=kd"], "seed": 5}, "b": {"overrides": ["method=kd"], "seed": 6}},
+         None, 1, ["a", "b", "a_control"]),
+    ],
+)  # fmt: skip
+def test_control_members_are_named_after_their_twins(members, seeds, controls, want):
+    from omegaconf import OmegaConf
+
+    from gompertz_kd.population import member_names
+
+    population = OmegaConf.create(
+        {"members": members, "seeds": seeds, "pbt": {"controls": controls}}
+    )
+    names = member_names(population)
+    assert list(names) == want
+    twin = {n: v for n, v in names.items() if "control" not in n}
+    for name, (overrides, seed) in names.items():
+        if "control" in name:  # the same overrides and init seed as the member it twins
+            assert (overrides, seed) in twin.values()
+    assert list(member_names(population, with_controls=False)) == [n for n in want if n in twin]
+
+
+def test_a_control_named_like_a_member_or_a_fractional_count_is_refused():
+    from omegaconf import OmegaConf
+
+    from gompertz_kd.population import member_names
+
+    clash = {"kd": ["method=kd"], "kd_control": ["method=kd"]}
+    with pytest.raises(ValueError, match="would be named 'kd_control_s0'.*rename that member"):
+        member_names(OmegaConf.create({"members": clash, "seeds": [0], "pbt": {"controls": 1}}))
+    with pytest.raises(ValueError, match="controls=1.5 must be a whole number"):
+        member_names(
+            OmegaConf.create({"members": {"kd": []}, "seeds": [0], "pbt": {"controls": 1.5}})
+        )
+
+
+def test_resuming_a_population_of_other_members_is_refused_naming_them():
+    from gompertz_kd.checkpoints import CheckpointError
+    from gompertz_kd.population import check_checkpoint_members
+
+    state = {f"members.{n}.student.fc.weight": torch.zeros(1) for n in ("kd_s0", "kd_s1")}
+    resume = (Path("last.ckpt"), "last.ckpt", {"state_dict": state})
+    check_checkpoint_members(resume, ["kd_s0", "kd_s1"])  # the same members: fine
+    check_checkpoint_members(None, ["kd_s0"])  # nothing to resume
+    run = ["kd_s0", "kd_s1", "kd_control_s0", "kd_control_s1"]
+    with pytest.raises(CheckpointError, match=r"without the PBT control members .*controls=0"):
+        check_checkpoint_members(resume, run, ["kd_control_s0", "kd_control_s1"])
+    with pytest.raises(CheckpointError, match=r"holds the population members \['kd_s0', 'kd_s1'\]"):
+        check_checkpoint_members(resume, ["kd_s0", "kd_s2"])
 
 
 def _load_pbt_table():

@@ -137,7 +137,7 @@ class PBTSettings:
                 node["terms"] = (terms,) if isinstance(terms, str) else tuple(map(str, terms))
             for key in ("interval", "controls"):
                 if key in node:
-                    node[key] = int(node[key])
+                    node[key] = _integer(node[key], key)
             for key in ("quantile", "resample_probability", "low", "high"):
                 if key in node:
                     node[key] = float(node[key])
@@ -295,7 +295,13 @@ def control_members(
     out = {}
     for name, (overrides, seed, base) in list(members.items())[: settings.controls]:
         suffix = "" if name == base or seed is None else f"_s{seed}"
-        out[f"{base}_{CONTROL}{suffix}"] = (list(overrides), seed)
+        control = f"{base}_{CONTROL}{suffix}"
+        if control in members:
+            raise ValueError(
+                f"population.pbt.controls: the control of member {name!r} would be named "
+                f"{control!r}, which a PBT member is already called; rename that member"
+            )
+        out[control] = (list(overrides), seed)
     return out
 
 
@@ -687,6 +693,12 @@ class PBTController(L.Callback):
         self.replaced = copy.deepcopy(state_dict.get("replaced", {}))  # older checkpoints lack it
         self.last_scores = dict(state_dict["last_scores"])
         self.last_epoch = state_dict["last_epoch"]
+
+
+def _integer(value: Any, key: str) -> int:
+    if isinstance(value, bool) or float(value) != int(float(value)):
+        raise ValueError(f"population.pbt.{key}={value!r} must be a whole number")
+    return int(float(value))
 
 
 def _top1(results: Mapping[str, Mapping[str, Any]], name: str, which: str) -> float | None:

@@ -72,6 +72,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from gompertz_kd.callbacks import GompertzWeightCallback, RunTimer
+from gompertz_kd.checkpoints import CheckpointError
 from gompertz_kd.config import CONFIG_DIR
 from gompertz_kd.fused import FusedStudents, fusable, student_signature
 from gompertz_kd.module import DeferredFiniteCheck, DistillationModule, NonFiniteLossError
@@ -896,6 +897,7 @@ def run_population(
     if pbt is not None:
         pbt.summary_path = output_dir / PBT_FILE
     resume = resume_checkpoint(cfg, output_dir)
+    check_checkpoint_members(resume, list(members_cfg), [] if pbt is None else pbt.controls)
     distils = any(o.terms for o in objectives.values())
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data)
@@ -963,6 +965,38 @@ def run_population(
         write_summary(output_dir / PBT_FILE, {**summary, "status": "completed"})
         log_evidence(summary["evidence"], output_dir / PBT_FILE)
     return TrainingRun(results=results, module=module, trainer=trainer)
+
+
+def check_checkpoint_members(
+    resume: tuple[Path, str, Mapping[str, Any]] | None,
+    names: Sequence[str],
+    controls: Sequence[str] = (),
+) -> None:
+    """Refuse to resume a population from a checkpoint of other members, naming them.
+
+    Raises:
+        CheckpointError: the checkpoint's members are not ``names`` (with the fix when the
+            difference is the PBT control members, ``population.pbt.controls``).
+    """
+    if resume is None:
+        return
+    _, name, ckpt = resume
+    saved = list(
+        dict.fromkeys(k.split(".", 2)[1] for k in ckpt["state_dict"] if k.startswith("members."))
+    )
+    missing = [n for n in names if n not in saved]
+    unknown = [n for n in saved if n not in names]
+    if not missing and not unknown:
+        return
+    fix = "resume with the population the checkpoint was written by, or start afresh"
+    if missing and set(missing) <= set(controls) and not unknown:
+        fix = (
+            f"it was written without the PBT control members {missing}: resume with "
+            f"population.pbt.controls={len(controls) - len(missing)}"
+        )
+    raise CheckpointError(
+        f"{name} holds the population members {saved}, and this run has {list(names)}: {fix}"
+    )
 
 
 def log_evidence(evidence: Mapping[str, Any] | None, path: Path) -> None:
