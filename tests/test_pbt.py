@@ -166,7 +166,8 @@ def test_control_members_train_untouched_beside_the_pbt_members(tiny_c10, cache,
     run = pbt_run(tiny_c10, tmp_path / "run", cache, "+population.pbt.controls=1", epochs=3)
     assert list(run.results) == ["dist_s0", "dist_s1", "dist_control_s0"]
     summary = json.loads((tmp_path / "run" / "pbt.json").read_text())
-    assert summary["members"] == ["dist_s0", "dist_s1"] and summary["controls"] == ["dist_control_s0"]
+    assert summary["members"] == ["dist_s0", "dist_s1"]
+    assert summary["controls"] == ["dist_control_s0"]
     assert all("dist_control_s0" not in r["scores"] for r in summary["rounds"])
     assert all("dist_control_s0" not in r["copies"].values() for r in summary["rounds"])
     control = run.results["dist_control_s0"]
