@@ -174,3 +174,29 @@ def test_weights_and_stage_are_logged():
     assert logged["schedule/progress"].item() == pytest.approx(2 / 3)
     assert logged["schedule/stage"].item() == int(SCHEDULE.stage(2 / 3))
     assert torch.isfinite(logged["train/loss_wd"])
+
+
+def test_run_timer_carries_a_mid_epoch_part_and_the_fit_time_through_a_checkpoint(monkeypatch):
+    from types import SimpleNamespace
+
+    import gompertz_kd.callbacks as callbacks
+
+    clock = iter([100.0, 101.0, 103.0, 104.0, 110.0])  # fit start, epoch start, batch end, ...
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    trainer = SimpleNamespace(world_size=1)
+    batch = (torch.zeros(4, 3), torch.zeros(4))
+    first = callbacks.RunTimer()
+    first.on_fit_start(trainer, None)  # 100
+    first.on_train_epoch_start(trainer, None)  # 101
+    first.on_train_batch_end(trainer, None, None, batch, 0)  # 103
+    state = first.state_dict()  # mid-epoch, read at 104: 2 s of training for 4 images
+    assert state == {"train_seconds": 2.0, "train_images": 4, "fit_seconds": 4.0}
+    assert first.train_seconds == 0.0  # reading the state changes nothing
+    resumed = callbacks.RunTimer()
+    resumed.load_state_dict(state)
+    assert resumed.resumed_seconds == 4.0 and resumed.images_per_second == 2.0
+    resumed.on_fit_start(trainer, None)  # 110: the fit time before it is carried apart
+    assert resumed.resumed_seconds == 4.0
+    older = callbacks.RunTimer()
+    older.load_state_dict({"train_seconds": 1.0, "train_images": 2})  # before fit_seconds
+    assert older.resumed_seconds == 0.0

@@ -85,13 +85,21 @@ def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(
     assert not (run_dir / "results.json").exists()
     assert signal.getsignal(signal.SIGINT) is not None  # handlers restored
 
+    # the interrupted part's fit time travels in the checkpoint into the results' wall time
+    path = run_dir / "checkpoints" / "last.ckpt"
+    state = torch.load(path, weights_only=False)
+    assert 0 < state["callbacks"]["RunTimer"]["fit_seconds"] < 600
+    state["callbacks"]["RunTimer"]["fit_seconds"] = 1e6  # marked, to be found in the results
+    torch.save(state, path)
     resumed = run_training(compose_cfg([*overrides(tiny_c10, run_dir, cache), "ckpt_path=last"]))
+    assert 1e6 < resumed.results["wall_time_s"] < 1e6 + 600
     want, got = full.module.student.state_dict(), resumed.module.student.state_dict()
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert resumed.results["test"] == full.results["test"]
     assert logged(run_dir, "kd_weight") == logged(full_dir, "kd_weight")
     assert logged(run_dir, "train/loss") == logged(full_dir, "train/loss")
     assert json.loads((run_dir / "results.json").read_text())["status"] == "completed"
+    assert resumed.results["train_images_per_s"] is not None
 
 
 def test_sigterm_during_validation_stops_after_the_next_batch_and_resumes_exactly(

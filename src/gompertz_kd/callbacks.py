@@ -211,13 +211,23 @@ class GompertzWeightCallback(L.Callback):
 class RunTimer(L.Callback):
     """Measures training throughput: images per second over the training batches of every epoch
     (from the epoch's start to its last training batch, so validation is not counted; data loading
-    is). Counts images on every process, so under DDP the figure is for all processes together."""
+    is). Counts images on every process, so under DDP the figure is for all processes together.
+
+    Its state travels in checkpoints, so a resumed run's figures cover every part of it: a
+    checkpoint written mid-epoch carries that epoch's seconds so far with its images, and
+    :attr:`resumed_seconds` is the fit time of the processes before this one (what a results
+    file adds to this process's wall time)."""
 
     def __init__(self) -> None:
         self.train_seconds = 0.0
         self.train_images = 0
+        self.resumed_seconds = 0.0
+        self._fit_start: float | None = None
         self._epoch_start: float | None = None
         self._last_batch_end: float | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
@@ -244,11 +254,20 @@ class RunTimer(L.Callback):
         return self.train_images / self.train_seconds if self.train_seconds > 0 else None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"train_seconds": self.train_seconds, "train_images": self.train_images}
+        partial = 0.0  # mid-epoch: the epoch's seconds so far, for the images counted so far
+        if self._epoch_start is not None and self._last_batch_end is not None:
+            partial = self._last_batch_end - self._epoch_start
+        fit = 0.0 if self._fit_start is None else time.perf_counter() - self._fit_start
+        return {
+            "train_seconds": self.train_seconds + partial,
+            "train_images": self.train_images,
+            "fit_seconds": self.resumed_seconds + fit,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_seconds = float(state_dict["train_seconds"])
         self.train_images = int(state_dict["train_images"])
+        self.resumed_seconds = float(state_dict.get("fit_seconds", 0.0))  # older checkpoints: 0
 
 
 class RunInterrupted(Exception):

@@ -1092,7 +1092,7 @@ def _member_results(  # fmt: skip
             }
     timer = next((c for c in trainer.callbacks if isinstance(c, RunTimer)), None)
     population_csv = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
-    wall = time.time() - start - provision_s
+    wall = time.time() - start - provision_s + (timer.resumed_seconds if timer else 0.0)
     out = {}
     for name, (member_cfg, seed) in members_cfg.items():
         member = module.members[name]

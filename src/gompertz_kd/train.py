@@ -167,6 +167,10 @@ def _collect_results(
     start: float,
     teacher_provision_s: float = 0.0,
 ) -> dict[str, Any]:
+    # the timings first: testing the best checkpoint restores the callbacks' state from it
+    timer = next((c for c in trainer.callbacks if isinstance(c, RunTimer)), None)
+    images_per_s = timer.images_per_second if timer else None
+    resumed_s = timer.resumed_seconds if timer else 0.0
     final = {"top1": None, "top5": None}
     best = {"top1": None, "top5": None, "epoch": None, "selected_on": None}
     if cfg.get("test"):
@@ -184,7 +188,6 @@ def _collect_results(
             module.load_state_dict(last_state)
     checkpoint = trainer.checkpoint_callback
     best_score = getattr(checkpoint, "best_model_score", None)
-    timer = next((c for c in trainer.callbacks if isinstance(c, RunTimer)), None)
     csv = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
     history = None
     if csv is not None:
@@ -206,10 +209,11 @@ def _collect_results(
         "history": history,
         "final_weights": dict(module.loss_weights),
         "final_stage": stage.name.lower() if stage is not None else None,
-        # this run's own time; training a missing teacher first is counted apart
-        "wall_time_s": time.time() - start - teacher_provision_s,
+        # this run's own time (a resumed run's earlier parts included); training a missing
+        # teacher first is counted apart
+        "wall_time_s": time.time() - start - teacher_provision_s + resumed_s,
         "teacher_provision_s": teacher_provision_s,
-        "train_images_per_s": timer.images_per_second if timer else None,
+        "train_images_per_s": images_per_s,
         "git_commit": git_commit(),
         "run_dir": str(output_dir),
         "config": OmegaConf.to_container(cfg, resolve=True),
