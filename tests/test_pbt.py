@@ -1,5 +1,6 @@
 """Population-based training of the distillation weight (gompertz_kd.pbt) on the tiny recipe."""
 
+import copy
 import csv
 import importlib.util
 import json
@@ -117,7 +118,11 @@ def test_explore_perturbs_the_copied_weight_and_the_replay_schedule_is_its_histo
         assert len(values) == len(boundaries) + 1
         for event in record["events"]:
             explore = event["explore"]["dist"]
-            assert explore["factor"] in (0.8, 1.2) and 0.25 <= explore["value"] <= 4.0
+            assert 0.25 <= explore["value"] <= 4.0
+            if explore["how"] == "resample":  # no factor gave the copy weights of its own
+                assert explore["instead_of"]["how"] == "perturb"
+                continue
+            assert explore["factor"] in (0.8, 1.2)
             # the weight before the copy's boundary is the source's then; after it, times factor
             # (no boundary: the clipped value did not move, so the history holds it unchanged)
             if event["member"] != name:
@@ -312,6 +317,48 @@ def test_factor_arithmetic_of_one_round():
     after = controller.decide({"a": 0.3, "b": 0.2, "c": 0.1, "d": 0.0})
     again.load_state_dict(state)
     assert again.decide({"a": 0.3, "b": 0.2, "c": 0.1, "d": 0.0}) == after
+
+
+def test_a_copy_never_becomes_a_twin_of_its_source_or_of_another_copier():
+    # every member sees the same batches: equal weights on one student would train in lockstep
+    settings = PBTSettings(quantile=0.5, factors=(0.8, 1.2), low=0.25, high=4.0)
+    controller = PBTController(settings, ["a", "b", "c", "d", "e", "f"], ["kd"], seed=0)
+    for name, value in zip("abcdef", (0.25, 2.0, 1.0, 1.0, 1.0, 1.0), strict=True):
+        controller.lineage[name] = {"origin": name, "boundaries": [], "values": {"kd": [value]}}
+    perturb = {"kd": {"how": "perturb", "factor": 0.8}}
+    bounds = {"kd": (0.25, 4.0)}
+    out = controller.explore([("c", "b", perturb), ("d", "b", perturb), ("e", "b", perturb)],
+                             bounds)  # fmt: skip
+    # the first keeps its draw; the second takes the other factor; the third, with both taken,
+    # a fresh draw; each records what it drew first
+    assert out["c"]["kd"] == {"how": "perturb", "factor": 0.8, "value": pytest.approx(1.6)}
+    assert out["d"]["kd"]["factor"] == 1.2 and out["d"]["kd"]["value"] == pytest.approx(2.4)
+    assert out["d"]["kd"]["instead_of"] == {"how": "perturb", "factor": 0.8}
+    assert out["e"]["kd"]["how"] == "resample" and 0.25 <= out["e"]["kd"]["value"] <= 4.0
+    assert out["e"]["kd"]["value"] not in (2.0, pytest.approx(1.6), pytest.approx(2.4))
+    # clipped back onto its source's weight at the lower bound: the factor that moves it
+    out = controller.explore([("f", "a", perturb)], bounds)
+    assert out["f"]["kd"]["factor"] == 1.2 and out["f"]["kd"]["value"] == pytest.approx(0.3)
+    # copiers of different sources may share a weight (their students differ)
+    out = controller.explore(
+        [("e", "b", perturb), ("f", "c", {"kd": {"how": "perturb", "factor": 1.6}})], bounds
+    )
+    assert out["e"]["kd"]["value"] == pytest.approx(out["f"]["kd"]["value"]) == pytest.approx(1.6)
+    assert "instead_of" not in out["e"]["kd"] and "instead_of" not in out["f"]["kd"]
+    # factor 1 and no resampling ask for exploitation alone: the twin is kept
+    exploit_only = PBTController(PBTSettings(quantile=0.5, factors=(1.0,), resample_probability=0),
+                                 ["a", "b", "c", "d", "e", "f"], ["kd"], seed=0)  # fmt: skip
+    exploit_only.lineage = copy.deepcopy(controller.lineage)
+    one = {"kd": {"how": "perturb", "factor": 1.0}}
+    assert exploit_only.explore([("f", "b", one)], bounds)["f"]["kd"] == {**one["kd"], "value": 2.0}
+    # the same decisions from the same state explore alike (a resumed run repeats them)
+    again = PBTController(settings, ["a", "b", "c", "d", "e", "f"], ["kd"], seed=0)
+    again.lineage = copy.deepcopy(controller.lineage)
+    triple = [("c", "b", perturb), ("d", "b", perturb), ("e", "b", perturb)]
+    state = controller.state_dict()
+    first = controller.explore(triple, bounds)
+    again.load_state_dict(state)
+    assert again.explore(triple, bounds) == first
 
 
 def test_a_loss_metric_ranks_low_first():

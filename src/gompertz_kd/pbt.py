@@ -20,7 +20,10 @@ What :class:`PBTController` does:
   and its checkpoint files (replaced atomically), and its weight history. Then explore: each
   copied weight is multiplied by a factor drawn from ``factors`` or, with probability
   ``resample_probability``, drawn afresh from ``[low, high]``; clipped to ``[low, high]``. The
-  defaults are Ray Tune's (quantile 0.25, factors 0.8 / 1.2, resample 0.25).
+  defaults are Ray Tune's (quantile 0.25, factors 0.8 / 1.2, resample 0.25). A copy that would
+  end with its source's weights, or with another copier's of the same source, takes another
+  factor (:meth:`PBTController.explore`): every member sees the same batches, so it would be a
+  twin for the rest of the run.
 - The decisions draw from the controller's own random stream (seeded by ``seed``, default the
   smallest member init seed), and depend only on the val scores, which every process of a DDP
   run reduces alike; the controller checks that every rank decided as rank 0 did. Its state (the
@@ -436,6 +439,50 @@ class PBTController(L.Callback):
             out.append((name, source, explore))
         return out
 
+    def explore(
+        self,
+        decisions: Sequence[tuple[str, str, Mapping[str, Any]]],
+        bounds: Mapping[str, tuple[float, float]],
+    ) -> dict[str, dict[str, dict[str, Any]]]:
+        """Each copier's new weights, ``{member: {term: {how, factor | draw, value}}}``: the
+        source's weight times the drawn factor, or drawn afresh, clipped to ``bounds``.
+
+        Every member sees the same batches, so a copy that ends with its source's weights (clipped
+        back at a bound) or with another copier's of the same source (both drew the same factor)
+        would be its twin, bit for bit, for the rest of the run: a member lost. Such a copy takes
+        the first factor that gives distinct weights instead, else (where ``resample_probability``
+        allows draws) a fresh draw from the controller's stream; the explore drawn first is kept
+        under ``instead_of``."""
+        taken: dict[str, list[tuple[float, ...]]] = {}
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for name, source, drawn in decisions:
+            current = {t: self.lineage[source]["values"][t][-1] for t in self.terms}
+            seen = taken.setdefault(source, [tuple(current.values())])
+            alternatives = [
+                {**drawn, t: {"how": "perturb", "factor": f}}
+                for t in self.terms
+                for f in self.settings.factors
+            ]
+            # a fresh draw only where the settings allow resampling (factors [1] and no
+            # resampling ask for exploitation alone: twins, knowingly)
+            draws = 8 if self.settings.resample_probability > 0 else 0
+            for how in [drawn, *alternatives, *({} for _ in range(draws))]:
+                if not how:  # no factor gives distinct weights: draw every term afresh
+                    how = {t: {"how": "resample", "draw": self.rng.random()} for t in self.terms}
+                values = {t: _explored(current[t], how[t], *bounds[t]) for t in self.terms}
+                if tuple(values.values()) not in seen:
+                    break
+            else:  # none gives distinct weights: the draw stands
+                how = drawn
+                values = {t: _explored(current[t], how[t], *bounds[t]) for t in self.terms}
+            seen.append(tuple(values.values()))
+            out[name] = {}
+            for t in self.terms:
+                out[name][t] = {**how[t], "value": values[t]}
+                if how[t] != drawn[t]:
+                    out[name][t]["instead_of"] = dict(drawn[t])
+        return out
+
     def exploit(
         self, trainer: L.Trainer, pl_module: Any, scores: Mapping[str, float], done: int
     ) -> None:
@@ -450,7 +497,9 @@ class PBTController(L.Callback):
                 )
         progress = self.boundary(trainer)
         sources = {name: copy.deepcopy(self.lineage[source]) for name, source, _ in decisions}
-        for name, source, explore in decisions:
+        bounds = {term: self.bounds(pl_module, term) for term in self.terms}
+        explored = self.explore(decisions, bounds)
+        for name, source, _ in decisions:
             self.copy_member(trainer, pl_module, source, name)
             lineage = sources[name]
             event: dict[str, Any] = {
@@ -465,20 +514,14 @@ class PBTController(L.Callback):
             }
             changed = False
             for term in self.terms:
-                low, high = self.bounds(pl_module, term)
                 current = lineage["values"][term][-1]
-                how = explore[term]
-                if how["how"] == "resample":
-                    value = math.exp(math.log(low) + how["draw"] * (math.log(high) - math.log(low)))
-                else:
-                    value = current * how["factor"]
-                value = min(max(value, low), high)
-                event["explore"][term] = {**how, "value": value}
+                event["explore"][term] = explored[name][term]
+                value = explored[name][term]["value"]
                 changed |= value != current
                 lineage["values"][term].append(value)
             if changed and (not lineage["boundaries"] or lineage["boundaries"][-1] < progress):
                 lineage["boundaries"].append(progress)
-            else:  # nothing moved (clipped at a bound): no new segment
+            else:  # nothing moved (no explore gave it other weights): no new segment
                 for term in self.terms:
                     lineage["values"][term].pop()
             lineage["events"].append(event)
@@ -693,6 +736,16 @@ class PBTController(L.Callback):
         self.replaced = copy.deepcopy(state_dict.get("replaced", {}))  # older checkpoints lack it
         self.last_scores = dict(state_dict["last_scores"])
         self.last_epoch = state_dict["last_epoch"]
+
+
+def _explored(current: float, how: Mapping[str, Any], low: float, high: float) -> float:
+    """A weight after one explore step: ``current`` times the factor, or a log-uniform draw in
+    ``[low, high]`` (``how["draw"]`` in [0, 1)), clipped to ``[low, high]``."""
+    if how["how"] == "resample":
+        value = math.exp(math.log(low) + how["draw"] * (math.log(high) - math.log(low)))
+    else:
+        value = current * how["factor"]
+    return min(max(value, low), high)
 
 
 def _integer(value: Any, key: str) -> int:
