@@ -455,26 +455,32 @@ class PBTController(L.Callback):
         under ``instead_of``."""
         taken: dict[str, list[tuple[float, ...]]] = {}
         out: dict[str, dict[str, dict[str, Any]]] = {}
+
+        def weights(source: str, how: Mapping[str, Any]) -> tuple[float, ...]:
+            return tuple(
+                _explored(self.lineage[source]["values"][t][-1], how[t], *bounds[t])
+                for t in self.terms
+            )
+
         for name, source, drawn in decisions:
-            current = {t: self.lineage[source]["values"][t][-1] for t in self.terms}
-            seen = taken.setdefault(source, [tuple(current.values())])
-            alternatives = [
+            seen = taken.setdefault(
+                source, [tuple(self.lineage[source]["values"][t][-1] for t in self.terms)]
+            )
+            other_factors = (
                 {**drawn, t: {"how": "perturb", "factor": f}}
                 for t in self.terms
                 for f in self.settings.factors
-            ]
+            )
+            how = next((h for h in (drawn, *other_factors) if weights(source, h) not in seen), None)
             # a fresh draw only where the settings allow resampling (factors [1] and no
             # resampling ask for exploitation alone: twins, knowingly)
-            draws = 8 if self.settings.resample_probability > 0 else 0
-            for how in [drawn, *alternatives, *({} for _ in range(draws))]:
-                if not how:  # no factor gives distinct weights: draw every term afresh
-                    how = {t: {"how": "resample", "draw": self.rng.random()} for t in self.terms}
-                values = {t: _explored(current[t], how[t], *bounds[t]) for t in self.terms}
-                if tuple(values.values()) not in seen:
+            for _ in range(8 if how is None and self.settings.resample_probability > 0 else 0):
+                fresh = {t: {"how": "resample", "draw": self.rng.random()} for t in self.terms}
+                if weights(source, fresh) not in seen:
+                    how = fresh
                     break
-            else:  # none gives distinct weights: the draw stands
-                how = drawn
-                values = {t: _explored(current[t], how[t], *bounds[t]) for t in self.terms}
+            how = how or drawn  # none gives distinct weights: the draw stands
+            values = dict(zip(self.terms, weights(source, how), strict=True))
             seen.append(tuple(values.values()))
             out[name] = {}
             for t in self.terms:
