@@ -2,14 +2,16 @@
 top-1 read once at the end) beside the schedule study's fixed arms of the same method.
 
     python scripts/pbt_table.py --pbt docs/results/pbt/dist_r0 [more runs] \
-        --study docs/results/schedule_study/study_dist [--replay docs/results/pbt/dist_replay]
+        --study docs/results/schedule_study/study_dist [--replay docs/results/pbt/dist_replay] \
+        [--arm docs/results/pbt/dist_static_low]
 
 A PBT run directory holds ``pbt.json`` and ``members/<name>/results.json`` (or the members'
 directories directly); a run with control members (``population.pbt.controls``) gets a third
 row, the controls at the method's own weight and the winner's gap to them. The study and replay
-directories hold members' directories. With ``--replay`` and ``--study``, a second table pairs
-each replay with each study arm by init seed (same data seed and teacher): the per-seed
-differences of last-epoch test top-1.
+directories hold members' directories; ``--arm`` names other from-scratch arms (a static weight
+tried after a run, say), shown and paired like replays but labelled as what they are. With
+``--replay`` or ``--arm``, and ``--study``, a second table pairs each of them with each study arm
+by init seed (same data seed and teacher): the per-seed differences of last-epoch test top-1.
 """
 
 from __future__ import annotations
@@ -93,9 +95,11 @@ def _arms(folder: Path) -> dict[str, list[dict]]:
 
 
 def paired_rows(replays: list[Path], studies: list[Path]) -> list[str]:
-    """Each replay arm minus each study arm, seed by seed (the seeds both have)."""
+    """Each replay (or other from-scratch) arm minus each study arm, seed by seed (the seeds both
+    have)."""
     lines = [
-        "| replay − study arm (paired by init seed) | seeds | per seed (points) | mean ± sd |",
+        "| from-scratch arm − study arm (paired by init seed) | seeds | per seed (points) "
+        "| mean ± sd |",
         "|---|---|---|---|",
     ]
     for replay in replays:
@@ -132,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pbt", nargs="+", type=Path, required=True)
     parser.add_argument("--study", nargs="*", type=Path, default=[])
     parser.add_argument("--replay", nargs="*", type=Path, default=[])
+    parser.add_argument("--arm", nargs="*", type=Path, default=[])
     args = parser.parse_args(argv)
     lines = [
         "| run | n | top-1 % last epoch (test) | top-1 % best val epoch (test) | note |",
@@ -141,10 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         lines += pbt_rows(folder)
     for folder in args.replay:
         lines += arm_rows(folder, "replay")
+    for folder in args.arm:
+        lines += arm_rows(folder, "from scratch")
     for folder in args.study:
         lines += arm_rows(folder, "study")
-    if args.replay and args.study:
-        lines += ["", *paired_rows(args.replay, args.study)]
+    if (args.replay or args.arm) and args.study:
+        lines += ["", *paired_rows(args.replay + args.arm, args.study)]
     print("\n".join(lines))
     return 0
 

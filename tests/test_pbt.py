@@ -301,6 +301,12 @@ def test_pbt_table_pairs_a_replay_with_each_study_arm_by_seed(tmp_path):
     assert pbt_table._short("piecewise(0.5125153079429632, 0.2:0.41001224635437056)") == (
         "piecewise(0.512515, 0.2:0.410012)"
     )
+    # a static arm tried after a run is shown and paired, labelled as what it is, not a replay
+    member("static_low", "dist_w03_s0", "dist_w03", 0, 0.83)
+    rows = pbt_table.arm_rows(tmp_path / "static_low", "from scratch")
+    assert rows == ["| from scratch `dist_w03` | 1 | 83.00 | — | seeds 0 |"]
+    paired = pbt_table.paired_rows([tmp_path / "static_low"], [tmp_path / "study"])
+    assert paired[2:] == ["| `dist_w03` − `static` | 0 | +3.00 | +3.00 |"]
 
 
 def test_factor_arithmetic_of_one_round():
