@@ -569,7 +569,7 @@ def _title(config: str) -> str:
 def _save(fig: Figure, path: str | Path | None) -> Figure:
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")  # keeps a legend placed outside
     return fig
 
 
@@ -735,7 +735,7 @@ def plot_pbt_lineage(runs: Iterable[Run], path: str | Path | None = None) -> Fig
         panels += [(population, term, members) for term in terms]
     if not panels:
         return None
-    fig = _new_figure(len(panels))
+    fig = _new_figure(len(panels), (6.6, 3.4))  # room for the legend at the right
     grid = np.linspace(0.0, 1.0, 401)
     for ax, (population, term, members) in zip(fig.axes, panels, strict=False):
         for name in PBT_REFERENCE_SCHEDULES:
@@ -760,7 +760,8 @@ def plot_pbt_lineage(runs: Iterable[Run], path: str | Path | None = None) -> Fig
         )
         ax.title.set_fontsize("small")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        # outside the axes: the study's curves and the lineages fill the whole panel
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
 
