@@ -370,7 +370,7 @@ class PBTController(L.Callback):
 
     def draw(self, pl_module: Any, term: str) -> float:
         low, high = self.bounds(pl_module, term)
-        return math.exp(self.rng.uniform(math.log(low), math.log(high)))
+        return _log_uniform(self.rng.random(), low, high)
 
     def schedule(self, name: str, term: str) -> Piecewise:
         """Member ``name``'s weight multiple on ``term`` as a function of progress."""
@@ -748,10 +748,16 @@ def _explored(current: float, how: Mapping[str, Any], low: float, high: float) -
     """A weight after one explore step: ``current`` times the factor, or a log-uniform draw in
     ``[low, high]`` (``how["draw"]`` in [0, 1)), clipped to ``[low, high]``."""
     if how["how"] == "resample":
-        value = math.exp(math.log(low) + how["draw"] * (math.log(high) - math.log(low)))
+        value = _log_uniform(how["draw"], low, high)
     else:
         value = current * how["factor"]
     return min(max(value, low), high)
+
+
+def _log_uniform(u: float, low: float, high: float) -> float:
+    """The point ``u`` (in [0, 1)) of the way from ``low`` to ``high`` on a log scale: a uniform
+    ``u`` gives a log-uniform draw (bit for bit ``exp(random.uniform(log(low), log(high)))``)."""
+    return math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
 
 
 def _integer(value: Any, key: str) -> int:
